@@ -1,0 +1,70 @@
+"""``python -m ggans``: Hydra at the edge, the plain core inside.
+
+Bad input (config values, data files, unknown config-group choices) is one line on stderr
+naming the key and what is allowed, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ggans.errors import GGansError
+
+log = logging.getLogger("ggans")
+
+
+def config_dir() -> Path:
+    """``conf/`` of the checkout, or the copy packaged inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError("ggans: cannot find the conf/ folder")
+
+
+GROUPS = ("model", "protocol", "experiment", "logger")
+
+
+def check_group_choices(argv: list[str], conf: Path) -> None:
+    """Refuse ``group=choice`` overrides naming no file in conf/group/, before Hydra does."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS or value in ("null", ""):
+            continue
+        allowed = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in allowed:
+                raise GGansError(f"{key}={choice!r}: must be one of {', '.join(allowed)}")
+
+
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from ggans.config import from_dict
+    from ggans.run import run
+
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+        run_cfg = from_dict(container)
+        out = Path(HydraConfig.get().runtime.output_dir)
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        run(run_cfg, out, progress=cfg.get("progress", "auto"))
+    except GGansError as err:
+        print(f"ggans: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Entry point of ``python -m ggans`` and the ``ggans`` script."""
+    conf = config_dir()
+    try:
+        check_group_choices(sys.argv[1:], conf)
+    except GGansError as err:
+        print(f"ggans: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(_task)()

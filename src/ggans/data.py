@@ -1,0 +1,168 @@
+"""MNIST loading (local IDX files or tensorflow-datasets) and per-machine shards.
+
+Images stay uint8 on the host and on the device; :func:`to_model_range` maps them to the
+GAN's pixel range inside the compiled step, as the TF reference does: (x - 128) / 128.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ggans.errors import ConfigError, DataError
+
+DATA_DIR_ENV = "GGANS_DATA_DIR"
+
+# md5 of the uncompressed IDX payloads (../shared/data/mnist/README.md).
+IDX_FILES: dict[str, tuple[str, str]] = {
+    "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
+    "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
+    "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
+}
+SPLITS = ("iid", "non_iid")
+
+
+class Mnist(NamedTuple):
+    """MNIST as uint8 arrays: images [n, 28, 28, 1], labels [n]."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """The folder to read IDX files from: the given one, else $GGANS_DATA_DIR, else None (tfds)."""
+    if data_dir in (None, ""):
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+    return None if data_dir is None else Path(data_dir).expanduser()
+
+
+def _read_payload(folder: Path, stem: str) -> bytes:
+    for name in (stem, stem + ".gz"):
+        path = folder / name
+        if path.is_file():
+            try:
+                raw = path.read_bytes()
+                return gzip.decompress(raw) if name.endswith(".gz") else raw
+            except (OSError, EOFError, gzip.BadGzipFile) as err:
+                raise DataError(f"data.dir: cannot read {path}: {err}") from None
+    raise DataError(f"data.dir: missing MNIST file {folder / stem}[.gz] (need the four IDX files)")
+
+
+def _parse_idx(payload: bytes, name: str, ndim: int) -> np.ndarray:
+    magic = int.from_bytes(payload[:4], "big")
+    if magic != 0x800 + ndim:
+        raise DataError(f"data.dir: {name} is not an IDX file with {ndim} dimension(s)")
+    dims = [int.from_bytes(payload[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(payload, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_idx(folder: str | os.PathLike) -> Mnist:
+    """Read the four MNIST IDX files (plain or .gz) and check their md5 checksums."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(
+            f"data.dir: folder {folder} does not exist (set data.dir or ${DATA_DIR_ENV})"
+        )
+    arrays = {}
+    for key, (stem, md5) in IDX_FILES.items():
+        payload = _read_payload(folder, stem)
+        if hashlib.md5(payload).hexdigest() != md5:
+            raise DataError(f"data.dir: {folder / stem} is corrupt (md5 differs from {md5})")
+        arrays[key] = _parse_idx(payload, stem, 3 if key.endswith("images") else 1)
+    return Mnist(
+        arrays["train_images"][..., None],
+        arrays["train_labels"],
+        arrays["test_images"][..., None],
+        arrays["test_labels"],
+    )
+
+
+def load_tfds(data_dir: str | None = None) -> Mnist:
+    """MNIST through ``tfds.data_source`` (needs prepared data or internet; no TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    def split(name: str) -> tuple[np.ndarray, np.ndarray]:
+        source = tfds.data_source("mnist", split=name, data_dir=data_dir)
+        records = [source[i] for i in range(len(source))]
+        images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28, 1) for r in records])
+        labels = np.asarray([r["label"] for r in records], np.uint8)
+        return images, labels
+
+    return Mnist(*split("train"), *split("test"))
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
+    """MNIST from ``data_dir`` (or $GGANS_DATA_DIR) when set, else from tensorflow-datasets."""
+    folder = resolve_data_dir(data_dir)
+    return load_tfds() if folder is None else load_idx(folder)
+
+
+def to_model_range(images):
+    """uint8 pixels to the GAN's range, (x - 128) / 128 as in the TF MNIST GAN: about [-1, 1]."""
+    return (images.astype("float32") - 128.0) / 128.0
+
+
+def subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a seeded random ``fraction`` of the training set (all of it for 1.0)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"data.fraction={fraction}: must be in (0, 1]")
+    n = len(labels)
+    if fraction == 1.0:
+        return np.arange(n)
+    keep = max(1, int(round(fraction * n)))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:keep])
+
+
+def split_indices(
+    labels: np.ndarray, nodes: int, split: str, seed: int, pool: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Per-machine shards of training-image indices (drawn from ``pool``, default: all).
+
+    ``iid``: a seeded random permutation cut into ``nodes`` equal, disjoint shares (the
+    remainder of ``len(pool) % nodes`` images is left out, so shares are equal).
+    ``non_iid``: machine i holds digit ``i % 10`` when ``nodes >= 10`` (a digit's images are
+    divided evenly among the machines sharing it); when ``nodes < 10`` machine i holds the
+    digits d with ``d % nodes == i``. So N = 10 is the paper's one digit per machine.
+    """
+    pool = np.arange(len(labels)) if pool is None else np.asarray(pool)
+    if nodes < 1:
+        raise ConfigError(f"nodes={nodes}: must be an integer >= 1")
+    if split not in SPLITS:
+        raise ConfigError(f"data.split={split!r}: must be one of {', '.join(SPLITS)}")
+    if nodes > len(pool):
+        raise ConfigError(f"nodes={nodes}: more machines than training images ({len(pool)})")
+    rng = np.random.default_rng(seed)
+    if split == "iid":
+        share = len(pool) // nodes
+        order = rng.permutation(pool)
+        return [np.sort(order[i * share : (i + 1) * share]) for i in range(nodes)]
+    shards: list[list[np.ndarray]] = [[] for _ in range(nodes)]
+    for digit in range(10):
+        owners = [
+            i for i in range(nodes) if (i % 10 == digit if nodes >= 10 else digit % nodes == i)
+        ]
+        images = rng.permutation(pool[labels[pool] == digit])
+        for owner, part in zip(owners, np.array_split(images, len(owners)), strict=True):
+            shards[owner].append(part)
+    out = [np.sort(np.concatenate(parts)) for parts in shards]
+    empty = [i for i, s in enumerate(out) if len(s) == 0]
+    if empty:
+        raise ConfigError(
+            f"nodes={nodes}: machine {empty[0]} gets no images with data.split=non_iid"
+        )
+    return out
+
+
+def pad_shards(shards: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Shards as one int32 [N, max_size] index table (rows padded by repetition) and sizes [N]."""
+    sizes = np.array([len(s) for s in shards], np.int32)
+    table = np.stack([np.resize(s, sizes.max()) for s in shards]).astype(np.int32)
+    return table, sizes

@@ -1,0 +1,161 @@
+"""One GAN on one machine: its state, losses and a single local training step.
+
+Everything here is for a single replica; :mod:`ggans.replicas` stacks N of them and
+:mod:`ggans.training` vmaps the step. The step follows the TF MNIST GAN (reference-notes
+section 1): a discriminator update, then a generator update, each with fresh noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from ggans.models import ARCHS, Discriminator, Generator, l2_penalty
+
+LOSSES = ("wgan_gp", "nonsat")
+PyTree = Any
+
+
+@dataclass(frozen=True)
+class GanSpec:
+    """Everything static about one GAN: architecture, loss and optimiser settings."""
+
+    arch: str = "paper"
+    loss: str = "wgan_gp"
+    gp_weight: float = 1.0
+    noise_dim: int = 128
+    batch_size: int = 32
+    g_lr: float = 1e-3
+    d_lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    weight_decay: float = 2.5e-5
+    bn_momentum: float = 0.999
+    impl: str = "flax"
+
+    @property
+    def generator(self) -> Generator:
+        return Generator(ARCHS[self.arch], self.bn_momentum, self.impl)
+
+    @property
+    def discriminator(self) -> Discriminator:
+        return Discriminator(ARCHS[self.arch], self.impl)
+
+    @property
+    def g_tx(self) -> optax.GradientTransformation:
+        return optax.adam(self.g_lr, b1=self.beta1, b2=self.beta2)
+
+    @property
+    def d_tx(self) -> optax.GradientTransformation:
+        return optax.adam(self.d_lr, b1=self.beta1, b2=self.beta2)
+
+
+class GanState(struct.PyTreeNode):
+    """One machine's GAN; stacked, every leaf gains a leading machine axis."""
+
+    g_params: PyTree
+    g_stats: PyTree  # batch-norm running means and variances
+    d_params: PyTree
+    g_opt: PyTree
+    d_opt: PyTree
+
+
+class StepMetrics(struct.PyTreeNode):
+    """Training signals of one step (scalars; [K] over a round, [N, K] over replicas)."""
+
+    g_loss: jax.Array
+    d_loss: jax.Array
+    wasserstein: jax.Array  # mean D(real) - mean D(fake)
+    gradient_penalty: jax.Array
+
+
+def init_gan(spec: GanSpec, key: jax.Array) -> GanState:
+    """Fresh weights (TF1 initialisers) and Adam states for one machine."""
+    g_key, d_key = jax.random.split(key)
+    g_vars = spec.generator.init(g_key, jnp.zeros((1, spec.noise_dim)), train=False)
+    d_params = spec.discriminator.init(d_key, jnp.zeros((1, 28, 28, 1)))["params"]
+    return GanState(
+        g_params=g_vars["params"],
+        g_stats=g_vars["batch_stats"],
+        d_params=d_params,
+        g_opt=spec.g_tx.init(g_vars["params"]),
+        d_opt=spec.d_tx.init(d_params),
+    )
+
+
+def generate(spec: GanSpec, state: GanState, z: jax.Array) -> jax.Array:
+    """Samples in evaluation mode (batch-norm running statistics): z [S, noise] -> [S, 28, 28, 1]."""
+    variables = {"params": state.g_params, "batch_stats": state.g_stats}
+    return spec.generator.apply(variables, z, train=False)
+
+
+def _gradient_penalty(d_apply, real, fake, key) -> jax.Array:
+    """TF-GAN's wasserstein_gradient_penalty: mean (sqrt(|grad D(x_hat)|^2 + 1e-10) - 1)^2."""
+    alpha = jax.random.uniform(key, (real.shape[0], 1, 1, 1))
+    x_hat = real + alpha * (fake - real)
+    grads = jax.grad(lambda x: jnp.sum(d_apply(x)))(x_hat)
+    slopes = jnp.sqrt(jnp.sum(jnp.square(grads), axis=(1, 2, 3)) + 1e-10)
+    return jnp.mean(jnp.square(slopes - 1.0))
+
+
+def train_step(
+    spec: GanSpec, state: GanState, key: jax.Array, real: jax.Array
+) -> tuple[GanState, StepMetrics]:
+    """One local iteration for one machine: a D update, then a G update.
+
+    ``real`` is a minibatch [B, 28, 28, 1] already in the model's range.
+    """
+    gen, disc = spec.generator, spec.discriminator
+    z_d, z_g, gp_key = jax.random.split(key, 3)
+    batch = real.shape[0]
+
+    def g_forward(g_params, z):
+        variables = {"params": g_params, "batch_stats": state.g_stats}
+        return gen.apply(variables, z, train=True, mutable=["batch_stats"])
+
+    fake, _ = g_forward(state.g_params, jax.random.normal(z_d, (batch, spec.noise_dim)))
+    fake = jax.lax.stop_gradient(fake)
+
+    def d_loss_fn(d_params):
+        def d_apply(x):
+            return disc.apply({"params": d_params}, x)
+
+        logits = d_apply(jnp.concatenate([real, fake]))
+        d_real, d_fake = logits[:batch], logits[batch:]
+        wasserstein = jnp.mean(d_real) - jnp.mean(d_fake)
+        if spec.loss == "wgan_gp":
+            gp = _gradient_penalty(d_apply, real, fake, gp_key)
+            loss = -wasserstein + spec.gp_weight * gp
+        else:
+            gp = jnp.zeros(())
+            loss = jnp.mean(jax.nn.softplus(-d_real)) + jnp.mean(jax.nn.softplus(d_fake))
+        loss = loss + spec.weight_decay * l2_penalty(d_params, skip="logit")
+        return loss, (wasserstein, gp)
+
+    (d_loss, (wasserstein, gp)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+        state.d_params
+    )
+    d_updates, d_opt = spec.d_tx.update(d_grads, state.d_opt, state.d_params)
+    d_params = jax.tree.map(jnp.add, state.d_params, d_updates)
+
+    def g_loss_fn(g_params):
+        fake, new_vars = g_forward(g_params, jax.random.normal(z_g, (batch, spec.noise_dim)))
+        d_fake = disc.apply({"params": d_params}, fake)
+        if spec.loss == "wgan_gp":
+            loss = -jnp.mean(d_fake)
+        else:
+            loss = jnp.mean(jax.nn.softplus(-d_fake))
+        loss = loss + spec.weight_decay * l2_penalty(g_params, skip="out")
+        return loss, new_vars["batch_stats"]
+
+    (g_loss, g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
+    g_updates, g_opt = spec.g_tx.update(g_grads, state.g_opt, state.g_params)
+    g_params = jax.tree.map(jnp.add, state.g_params, g_updates)
+
+    new_state = GanState(g_params, g_stats, d_params, g_opt, d_opt)
+    return new_state, StepMetrics(g_loss, d_loss, wasserstein, gp)

@@ -1,0 +1,181 @@
+"""Communication protocols as row-stochastic mixing of the stacked replicas.
+
+A round's exchange is a list of messages, ``src -> dst`` with a weight, self-messages
+included, so that every machine's weights into it sum to 1. The same list gives the dense
+form (an N x N matrix applied with einsum) and the gather form (gather senders, weight,
+``segment_sum`` into receivers): O(N^2 P) against O(E P) work for P parameters.
+
+Faults are part of the mixing: a dropped machine neither sends nor receives this round,
+and a lost message is sent but not received. Both leave rows summing to 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+PROTOCOLS = ("standalone", "federated", "gossip", "gossip_ind")
+FORMS = ("auto", "dense", "gather")
+PyTree = Any
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Per round: each machine misses the exchange w.p. ``node_drop``; each message is lost
+    w.p. ``message_loss``."""
+
+    node_drop: float = 0.0
+    message_loss: float = 0.0
+
+
+class Mixing(struct.PyTreeNode):
+    """Messages of one round for one model kind (G or D), E of them.
+
+    ``weight[e]`` is 0 for a lost message; the weights arriving at each machine sum to 1.
+    ``sent[e]`` says whether the sender transmitted (for byte accounting).
+    """
+
+    src: jax.Array  # [E] int32
+    dst: jax.Array  # [E] int32
+    weight: jax.Array  # [E] float32
+    sent: jax.Array  # [E] bool; self-messages are never counted as sent
+    n: int = struct.field(pytree_node=False)
+
+    def matrix(self) -> jax.Array:
+        """Dense form: W [N, N] with new_i = sum_j W[i, j] old_j."""
+        return jnp.zeros((self.n, self.n), jnp.float32).at[self.dst, self.src].add(self.weight)
+
+
+class Traffic(struct.PyTreeNode):
+    """Bytes moved in one round: per machine sent / received [N], and the server's totals."""
+
+    sent: jax.Array
+    received: jax.Array
+    server_in: jax.Array
+    server_out: jax.Array
+
+
+def _normalise(src, dst, valid, sent, n) -> Mixing:
+    counts = jax.ops.segment_sum(valid.astype(jnp.float32), dst, n)
+    weight = valid.astype(jnp.float32) / counts[dst]
+    return Mixing(src.astype(jnp.int32), dst.astype(jnp.int32), weight, sent, n)
+
+
+def _alive(key: jax.Array, n: int, faults: Faults) -> jax.Array:
+    return jax.random.uniform(key, (n,)) >= faults.node_drop
+
+
+def identity(n: int) -> Mixing:
+    i = jnp.arange(n)
+    return _normalise(i, i, jnp.ones(n, bool), jnp.zeros(n, bool), n)
+
+
+def gossip_mixing(key: jax.Array, n: int, alive: jax.Array, faults: Faults) -> Mixing:
+    """Every machine sends to one uniformly drawn other machine; receivers average what
+    arrived with their own model (equal weights). Senders keep their own."""
+    if n == 1:
+        return identity(n)
+    peer_key, loss_key = jax.random.split(key)
+    i = jnp.arange(n)
+    target = (i + 1 + jax.random.randint(peer_key, (n,), 0, n - 1)) % n
+    sent = alive
+    delivered = sent & alive[target] & (jax.random.uniform(loss_key, (n,)) >= faults.message_loss)
+    return _normalise(
+        jnp.concatenate([i, i]),
+        jnp.concatenate([i, target]),
+        jnp.concatenate([jnp.ones(n, bool), delivered]),
+        jnp.concatenate([jnp.zeros(n, bool), sent]),
+        n,
+    )
+
+
+def federated_mixing(key: jax.Array, n: int, alive: jax.Array, faults: Faults):
+    """A server averages the models it received and sends the average back.
+
+    Returns the mixing (receiver j gets the server's average iff its download arrived) and
+    the per-machine masks of uploads and downloads that arrived, for accounting.
+    """
+    up_key, down_key = jax.random.split(key)
+    up = alive & (jax.random.uniform(up_key, (n,)) >= faults.message_loss)
+    down = alive & (jax.random.uniform(down_key, (n,)) >= faults.message_loss) & up.any()
+    src = jnp.tile(jnp.arange(n), n)  # e = j * n + i: j receives i
+    dst = jnp.repeat(jnp.arange(n), n)
+    valid = jnp.where(down[dst], up[src], src == dst)
+    return _normalise(src, dst, valid, jnp.zeros(n * n, bool), n), up, down
+
+
+def round_mixing(
+    protocol: str, key: jax.Array, n: int, model_bytes: tuple[int, int], faults: Faults = Faults()
+) -> tuple[Mixing, Mixing, Traffic]:
+    """The G mixing, the D mixing and the traffic of one round.
+
+    ``model_bytes``: bytes of one G and of one D message (everything that is mixed).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+    drop_key, g_key, d_key = jax.random.split(key, 3)
+    alive = _alive(drop_key, n, faults)
+    g_bytes, d_bytes = model_bytes
+    zeros = jnp.zeros(n, jnp.float32)
+    if protocol == "standalone" or n == 1:
+        return identity(n), identity(n), Traffic(zeros, zeros, jnp.zeros(()), jnp.zeros(()))
+    if protocol == "federated":
+        mixing, uploaded, downloaded = federated_mixing(g_key, n, alive, faults)
+        both = float(g_bytes + d_bytes)
+        traffic = Traffic(
+            sent=alive * both,
+            received=downloaded * both,
+            server_in=uploaded.sum() * both,
+            server_out=downloaded.sum() * both,
+        )
+        return mixing, mixing, traffic
+    g_mix = gossip_mixing(g_key, n, alive, faults)
+    d_mix = gossip_mixing(d_key if protocol == "gossip_ind" else g_key, n, alive, faults)
+
+    def per_machine(mix: Mixing, nbytes: int):
+        sent = jax.ops.segment_sum(mix.sent * float(nbytes), mix.src, n)
+        arrived = (mix.weight > 0) & (mix.src != mix.dst)
+        return sent, jax.ops.segment_sum(arrived * float(nbytes), mix.dst, n)
+
+    (gs, gr), (ds, dr) = per_machine(g_mix, g_bytes), per_machine(d_mix, d_bytes)
+    return g_mix, d_mix, Traffic(gs + ds, gr + dr, jnp.zeros(()), jnp.zeros(()))
+
+
+def mix_dense(mixing: Mixing, tree: PyTree) -> PyTree:
+    """new_i = sum_j W[i, j] old_j for every float leaf, with one einsum per leaf."""
+    w = mixing.matrix()
+    return jax.tree.map(
+        lambda x: jnp.einsum("ij,j...->i...", w, x).astype(x.dtype) if _is_float(x) else x, tree
+    )
+
+
+def mix_gather(mixing: Mixing, tree: PyTree) -> PyTree:
+    """The same mixing in gather form: gather senders, weight, sum into receivers."""
+
+    def leaf(x):
+        if not _is_float(x):
+            return x
+        w = mixing.weight.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        return jax.ops.segment_sum(w * x[mixing.src], mixing.dst, mixing.n)
+
+    return jax.tree.map(leaf, tree)
+
+
+def mix(mixing: Mixing, tree: PyTree, form: str = "auto") -> PyTree:
+    """Apply a mixing in the requested form; ``auto`` gathers when there are few messages."""
+    if form == "auto":
+        form = "gather" if mixing.src.shape[0] <= 2 * mixing.n else "dense"
+    return mix_dense(mixing, tree) if form == "dense" else mix_gather(mixing, tree)
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of the float leaves of one machine's tree (what a message carries)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if _is_float(x))

@@ -1,0 +1,39 @@
+"""N machines' GANs as one pytree whose leaves carry a leading machine axis of size N."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ggans.gan import GanSpec, GanState, init_gan
+
+INITS = ("shared", "independent")
+
+
+def init_replicas(spec: GanSpec, key: jax.Array, n: int, init: str = "shared") -> GanState:
+    """Stacked states of ``n`` machines from one root key.
+
+    ``shared``: every machine starts from the same weights (as federated averaging usually
+    does); ``independent``: machine i is initialised from ``split(key, n)[i]``.
+    """
+    if init == "shared":
+        one = init_gan(spec, key)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape).copy(), one)
+    if init == "independent":
+        return jax.vmap(lambda k: init_gan(spec, k))(jax.random.split(key, n))
+    raise ValueError(f"init={init!r}: must be one of {', '.join(INITS)}")
+
+
+def num_replicas(state: GanState) -> int:
+    """N, the size of the leading machine axis."""
+    return jax.tree.leaves(state)[0].shape[0]
+
+
+def take(state: GanState, i: int) -> GanState:
+    """Machine i's state, without the machine axis."""
+    return jax.tree.map(lambda x: x[i], state)
+
+
+def stack(states: list[GanState]) -> GanState:
+    """Inverse of :func:`take` over all machines."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)

@@ -1,0 +1,156 @@
+"""The compiled round: K local steps for all N machines (vmap over machines, scan over steps),
+then the protocol's exchange; and the loop over rounds.
+
+Keys: round r uses ``fold_in(train_key, r)``, split into one key per machine (then one per
+step) and one for the exchange, so a round's randomness depends only on (seed, r) and
+resuming from round r reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ggans import protocols
+from ggans.data import to_model_range
+from ggans.gan import GanSpec, GanState, StepMetrics, train_step
+from ggans.protocols import Faults, Traffic
+
+
+class Shards(struct.PyTreeNode):
+    """The training images, once on the device, and each machine's share of them."""
+
+    images: jax.Array  # [M, 28, 28, 1] uint8, all machines' images
+    index: jax.Array  # [N, S] int32, machine i's image indices (rows padded by repetition)
+    size: jax.Array  # [N] int32, machine i's true shard size
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """Everything static about a round."""
+
+    gan: GanSpec = field(default_factory=GanSpec)
+    protocol: str = "gossip"
+    local_steps: int = 200
+    faults: Faults = field(default_factory=Faults)
+    form: str = "auto"  # mixing form: auto | dense | gather
+    mix_optimizer: bool = False
+
+
+class RoundInfo(struct.PyTreeNode):
+    """What a round reports: per-machine means over its K steps, traffic, health."""
+
+    metrics: StepMetrics  # each [N]
+    traffic: Traffic
+    finite: jax.Array  # [N] bool: losses and parameters all finite
+
+
+def sample_batch(
+    images: jax.Array, index: jax.Array, size: jax.Array, key: jax.Array, batch: int
+) -> jax.Array:
+    """A minibatch drawn uniformly (with replacement) from one machine's shard."""
+    j = jax.random.randint(key, (batch,), 0, size)
+    return to_model_range(images[index[j]])
+
+
+def local_steps(
+    spec: GanSpec, steps: int, state: GanState, key: jax.Array, images, index, size
+) -> tuple[GanState, StepMetrics]:
+    """``steps`` local iterations of one machine, as a ``lax.scan``; metrics are [steps]."""
+
+    def body(s, k):
+        batch_key, step_key = jax.random.split(k)
+        real = sample_batch(images, index, size, batch_key, spec.batch_size)
+        return train_step(spec, s, step_key, real)
+
+    return jax.lax.scan(body, state, jax.random.split(key, steps))
+
+
+def round_keys(train_key: jax.Array, r: int | jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Per-machine keys [N] and the exchange key of round ``r``."""
+    local_key, mix_key = jax.random.split(jax.random.fold_in(train_key, r))
+    return jax.random.split(local_key, n), mix_key
+
+
+def message_bytes(state: GanState, mix_optimizer: bool) -> tuple[int, int]:
+    """Bytes of one G message and one D message (one machine's mixed leaves)."""
+    one = jax.tree.map(lambda x: x[0], state)
+    g = protocols.tree_bytes((one.g_params, one.g_stats))
+    d = protocols.tree_bytes(one.d_params)
+    if mix_optimizer:
+        g, d = g + protocols.tree_bytes(one.g_opt), d + protocols.tree_bytes(one.d_opt)
+    return g, d
+
+
+def exchange(
+    spec: RoundSpec, state: GanState, key: jax.Array, finite: jax.Array | None = None
+) -> tuple[GanState, Traffic]:
+    """The protocol's exchange on the stacked state."""
+    n = jax.tree.leaves(state)[0].shape[0]
+    g_mix, d_mix, traffic = protocols.round_mixing(
+        spec.protocol, key, n, message_bytes(state, spec.mix_optimizer), spec.faults
+    )
+    if spec.protocol == "standalone" or n == 1:
+        return state, traffic
+    mix = partial(protocols.mix, form=spec.form)
+    g_opt, d_opt = state.g_opt, state.d_opt
+    if spec.mix_optimizer:
+        g_opt, d_opt = mix(g_mix, g_opt), mix(d_mix, d_opt)
+    mixed = GanState(
+        g_params=mix(g_mix, state.g_params),
+        g_stats=mix(g_mix, state.g_stats),
+        d_params=mix(d_mix, state.d_params),
+        g_opt=g_opt,
+        d_opt=d_opt,
+    )
+    return mixed, traffic
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    per_leaf = [jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for x in leaves]
+    return jnp.stack(per_leaf).all(axis=0)
+
+
+def make_round(spec: RoundSpec):
+    """The jitted round ``(state, shards, train_key, r) -> (state, RoundInfo)``.
+
+    The state's buffers are donated: a round updates them in place.
+    """
+
+    def one_round(state: GanState, shards: Shards, train_key: jax.Array, r: jax.Array):
+        n = shards.size.shape[0]
+        keys, mix_key = round_keys(train_key, r, n)
+        local = partial(local_steps, spec.gan, spec.local_steps)
+        state, steps = jax.vmap(local, in_axes=(0, 0, None, 0, 0))(
+            state, keys, shards.images, shards.index, shards.size
+        )
+        metrics = jax.tree.map(lambda x: x.mean(axis=1), steps)
+        finite = _all_finite(state) & _all_finite(metrics)
+        state, traffic = exchange(spec, state, mix_key)
+        return state, RoundInfo(metrics, traffic, finite)
+
+    return jax.jit(one_round, donate_argnums=0)
+
+
+def iterate_rounds(
+    spec: RoundSpec,
+    state: GanState,
+    shards: Shards,
+    train_key: jax.Array,
+    rounds: int,
+    start: int = 0,
+) -> Iterator[tuple[int, GanState, RoundInfo]]:
+    """Run rounds ``start .. rounds - 1``, yielding ``(r, state, info)`` after each.
+
+    The only Python loop of training: it iterates over rounds, never over machines.
+    """
+    round_fn = make_round(spec)
+    for r in range(start, rounds):
+        state, info = round_fn(state, shards, train_key, jnp.asarray(r, jnp.int32))
+        yield r, state, info
