@@ -1,4 +1,4 @@
-"""User-facing errors: one line, naming the key and what is allowed; the CLI prints them and exits 2."""
+"""User-facing errors: one line naming the key and what is allowed; the CLI prints them, exits 2."""
 
 
 class GGansError(Exception):

@@ -89,7 +89,7 @@ def init_gan(spec: GanSpec, key: jax.Array) -> GanState:
 
 
 def generate(spec: GanSpec, state: GanState, z: jax.Array) -> jax.Array:
-    """Samples in evaluation mode (batch-norm running statistics): z [S, noise] -> [S, 28, 28, 1]."""
+    """Samples in eval mode (batch-norm running statistics): z [S, noise] -> [S, 28, 28, 1]."""
     variables = {"params": state.g_params, "batch_stats": state.g_stats}
     return spec.generator.apply(variables, z, train=False)
 
@@ -146,10 +146,8 @@ def train_step(
     def g_loss_fn(g_params):
         fake, new_vars = g_forward(g_params, jax.random.normal(z_g, (batch, spec.noise_dim)))
         d_fake = disc.apply({"params": d_params}, fake)
-        if spec.loss == "wgan_gp":
-            loss = -jnp.mean(d_fake)
-        else:
-            loss = jnp.mean(jax.nn.softplus(-d_fake))
+        wgan = spec.loss == "wgan_gp"
+        loss = -jnp.mean(d_fake) if wgan else jnp.mean(jax.nn.softplus(-d_fake))
         loss = loss + spec.weight_decay * l2_penalty(g_params, skip="out")
         return loss, new_vars["batch_stats"]
 

@@ -109,7 +109,11 @@ def federated_mixing(key: jax.Array, n: int, alive: jax.Array, faults: Faults):
 
 
 def round_mixing(
-    protocol: str, key: jax.Array, n: int, model_bytes: tuple[int, int], faults: Faults = Faults()
+    protocol: str,
+    key: jax.Array,
+    n: int,
+    model_bytes: tuple[int, int],
+    faults: Faults = Faults(),  # noqa: B008 (frozen, immutable)
 ) -> tuple[Mixing, Mixing, Traffic]:
     """The G mixing, the D mixing and the traffic of one round.
 

@@ -85,7 +85,7 @@ def run(
     mnist = load_mnist(cfg.data.dir) if mnist is None else mnist
     shards = make_shards(cfg, mnist)
     init_key, train_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
-    state = init_replicas(cfg.model, init_key, cfg.nodes, cfg.init)
+    initial = init_replicas(cfg.model, init_key, cfg.nodes, cfg.init)
     metrics_path = out / "metrics.jsonl"
     cum = {
         "sent": np.zeros(cfg.nodes),
@@ -105,7 +105,9 @@ def run(
         np.asarray(shards.size).tolist(),
     )
     try:
-        for r, state, info in iterate_rounds(cfg.round_spec, state, shards, train_key, cfg.rounds):
+        for r, state, info in iterate_rounds(
+            cfg.round_spec, initial, shards, train_key, cfg.rounds
+        ):
             info = jax.device_get(info)
             row = round_row(r, cfg, time.perf_counter() - start, info, cum)
             is_last = r + 1 == cfg.rounds

@@ -117,25 +117,29 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(per_leaf).all(axis=0)
 
 
+def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key: jax.Array, r):
+    n = shards.size.shape[0]
+    keys, mix_key = round_keys(train_key, r, n)
+    local = partial(local_steps, spec.gan, spec.local_steps)
+    state, steps = jax.vmap(local, in_axes=(0, 0, None, 0, 0))(
+        state, keys, shards.images, shards.index, shards.size
+    )
+    metrics = jax.tree.map(lambda x: x.mean(axis=1), steps)
+    finite = _all_finite(state) & _all_finite(metrics)
+    state, traffic = exchange(spec, state, mix_key)
+    return state, RoundInfo(metrics, traffic, finite)
+
+
+# One compiled function per (RoundSpec, shapes), shared by every run in the process.
+_compiled_round = jax.jit(_round, static_argnums=0, donate_argnums=1)
+
+
 def make_round(spec: RoundSpec):
     """The jitted round ``(state, shards, train_key, r) -> (state, RoundInfo)``.
 
     The state's buffers are donated: a round updates them in place.
     """
-
-    def one_round(state: GanState, shards: Shards, train_key: jax.Array, r: jax.Array):
-        n = shards.size.shape[0]
-        keys, mix_key = round_keys(train_key, r, n)
-        local = partial(local_steps, spec.gan, spec.local_steps)
-        state, steps = jax.vmap(local, in_axes=(0, 0, None, 0, 0))(
-            state, keys, shards.images, shards.index, shards.size
-        )
-        metrics = jax.tree.map(lambda x: x.mean(axis=1), steps)
-        finite = _all_finite(state) & _all_finite(metrics)
-        state, traffic = exchange(spec, state, mix_key)
-        return state, RoundInfo(metrics, traffic, finite)
-
-    return jax.jit(one_round, donate_argnums=0)
+    return partial(_compiled_round, spec)
 
 
 def iterate_rounds(

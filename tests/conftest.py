@@ -1,0 +1,40 @@
+"""Shared fixtures: the MNIST folder (skip when absent) and small synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("GGANS_DATA_DIR") or ROOT.parent / "shared" / "data" / "mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST IDX files not found in {MNIST_DIR} (set GGANS_DATA_DIR)")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    from ggans.data import load_mnist
+
+    return load_mnist(mnist_dir)
+
+
+def synthetic_shards(n: int, images: int = 64, seed: int = 0):
+    """Random uint8 images split evenly over n machines (no MNIST needed)."""
+    from ggans.training import Shards
+
+    rng = np.random.default_rng(seed)
+    pics = rng.integers(0, 256, (images, 28, 28, 1), dtype=np.uint8)
+    index = np.arange(images).reshape(n, -1) if images % n == 0 else None
+    assert index is not None
+    return Shards(
+        jnp.asarray(pics), jnp.asarray(index, jnp.int32), jnp.full((n,), images // n, jnp.int32)
+    )

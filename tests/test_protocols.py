@@ -1,0 +1,134 @@
+"""Protocols as mixing: stochastic rows, exact protocol semantics, dense == gather, faults."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ggans.protocols import PROTOCOLS, Faults, mix, mix_dense, mix_gather, round_mixing
+
+BYTES = (1000, 3000)
+
+
+def matrices(protocol, n, seed=0, faults=None):
+    faults = faults or Faults()
+    g, d, traffic = round_mixing(protocol, jax.random.key(seed), n, BYTES, faults)
+    return np.asarray(g.matrix()), np.asarray(d.matrix()), traffic
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 100])
+@pytest.mark.parametrize("faults", [Faults(), Faults(0.3, 0.3)])
+def test_rows_sum_to_one_and_weights_nonnegative(protocol, n, faults):
+    for seed in range(3):
+        for w in matrices(protocol, n, seed, faults)[:2]:
+            assert w.shape == (n, n)
+            np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)
+            assert (w >= 0).all()
+
+
+def test_standalone_is_identity():
+    g, d, traffic = matrices("standalone", 10)
+    np.testing.assert_array_equal(g, np.eye(10))
+    np.testing.assert_array_equal(d, np.eye(10))
+    assert float(traffic.sent.sum()) == 0.0
+
+
+def test_federated_leaves_every_replica_at_the_mean():
+    n = 10
+    g, _, _ = round_mixing("federated", jax.random.key(0), n, BYTES)
+    tree = {"w": jax.random.normal(jax.random.key(1), (n, 5, 3))}
+    out = mix(g, tree)["w"]
+    np.testing.assert_allclose(out, jnp.broadcast_to(tree["w"].mean(0), out.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["gossip", "gossip_ind"])
+def test_gossip_each_sender_reaches_exactly_one_other_machine(protocol):
+    n = 10
+    for seed in range(20):
+        for w in matrices(protocol, n, seed)[:2]:
+            off = w - np.diag(np.diag(w))
+            # column i: who received machine i's model; exactly one machine, never itself
+            assert ((off > 0).sum(axis=0) == 1).all()
+            # a receiver averages what arrived with its own model, equal weights
+            for i in range(n):
+                nz = w[i][w[i] > 0]
+                np.testing.assert_allclose(nz, 1.0 / len(nz), rtol=1e-6)
+                assert w[i, i] > 0
+
+
+def test_two_machines_collaborative_protocols_coincide():
+    ws = [matrices(p, 2, seed=3)[0] for p in ("federated", "gossip", "gossip_ind")]
+    for w in ws:
+        np.testing.assert_allclose(w, np.full((2, 2), 0.5))
+
+
+def test_gossip_ind_draws_g_and_d_independently_gossip_does_not():
+    differs = [not np.array_equal(*matrices("gossip_ind", 10, s)[:2]) for s in range(20)]
+    same = [np.array_equal(*matrices("gossip", 10, s)[:2]) for s in range(20)]
+    assert all(same)
+    assert sum(differs) >= 18  # equal draws have probability (1/9)^10 per round
+
+
+def test_gossip_peers_are_uniform_over_other_machines():
+    n, counts = 5, np.zeros((5, 5))
+    for s in range(400):
+        g = matrices("gossip", n, s)[0]
+        counts += (g - np.diag(np.diag(g))) > 0
+    # column i counts where machine i's model went: each of the 4 others about 100 times
+    off = counts[~np.eye(n, dtype=bool)]
+    assert np.diag(counts).sum() == 0
+    assert off.min() > 60 and off.max() < 140
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("faults", [Faults(), Faults(0.2, 0.2)])
+def test_dense_and_gather_forms_agree(protocol, faults):
+    n = 12
+    g, d, _ = round_mixing(protocol, jax.random.key(7), n, BYTES, faults)
+    tree = {"a": jax.random.normal(jax.random.key(2), (n, 4, 3)), "step": jnp.arange(n)}
+    for m in (g, d):
+        dense, gather = mix_dense(m, tree), mix_gather(m, tree)
+        np.testing.assert_allclose(dense["a"], gather["a"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(dense["step"], tree["step"])  # ints are never mixed
+
+
+def test_same_seed_same_mixing():
+    a, b = matrices("gossip_ind", 10, 5), matrices("gossip_ind", 10, 5)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], matrices("gossip_ind", 10, 6)[0])
+
+
+@pytest.mark.parametrize("protocol", ["federated", "gossip", "gossip_ind"])
+def test_dropped_machine_neither_sends_nor_receives(protocol):
+    n, faults = 10, Faults(node_drop=0.4)
+    seen_drop = False
+    for seed in range(10):
+        g, d, traffic = matrices(protocol, n, seed, faults)
+        silent = np.asarray(traffic.sent) == 0
+        for w in (g, d):
+            for i in np.flatnonzero(silent):
+                seen_drop = True
+                np.testing.assert_array_equal(w[i], np.eye(n)[i])  # keeps its own model
+                assert (np.delete(w[:, i], i) == 0).all()  # and its model goes nowhere
+    assert seen_drop
+
+
+def test_message_loss_keeps_receiver_model_and_counts_bytes():
+    n, faults = 10, Faults(message_loss=1 - 1e-7)
+    g, d, traffic = matrices("gossip", n, 0, faults)
+    np.testing.assert_array_equal(g, np.eye(n))
+    np.testing.assert_allclose(traffic.sent, sum(BYTES))  # sent, though lost
+    np.testing.assert_allclose(traffic.received, 0.0)
+
+
+def test_traffic_accounting():
+    n = 10
+    _, _, t = matrices("gossip_ind", n)
+    np.testing.assert_allclose(t.sent, sum(BYTES))
+    assert float(t.received.sum()) == float(t.sent.sum())
+    _, _, t = matrices("federated", n)
+    np.testing.assert_allclose(t.sent, sum(BYTES))
+    np.testing.assert_allclose(t.received, sum(BYTES))
+    assert float(t.server_in) == float(t.server_out) == n * sum(BYTES)
