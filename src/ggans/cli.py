@@ -47,13 +47,15 @@ def _task(cfg: DictConfig) -> None:
 
     from ggans.config import from_dict
     from ggans.run import run
+    from ggans.tracking import make_loggers
 
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
         run_cfg = from_dict(container)
         out = Path(HydraConfig.get().runtime.output_dir)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-        run(run_cfg, out, progress=cfg.get("progress", "auto"))
+        loggers = make_loggers(container.get("logger"), run_cfg, out, container)
+        run(run_cfg, out, progress=cfg.get("progress", "auto"), loggers=loggers)
     except GGansError as err:
         print(f"ggans: error: {err}", file=sys.stderr)
         sys.exit(2)

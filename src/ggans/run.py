@@ -8,6 +8,7 @@ evaluator and loggers add.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,19 +72,28 @@ def run(
     cfg: RunConfig,
     out_dir: str | Path,
     *,
-    evaluator: Callable[[Any, jax.Array, int], dict] | None = None,
+    evaluator: Callable[[Any, jax.Array, int], dict] | str | None = "auto",
     loggers: Sequence[Logger] = (),
     progress: bool | str = "auto",
     mnist=None,
 ) -> dict[str, Any]:
     """Train ``cfg.nodes`` GANs for ``cfg.rounds`` rounds; return the summary.
 
-    ``evaluator(state, key, r)`` returns per-round scores to add to the row.
+    ``evaluator(state, key, r)`` returns per-round scores to add to the row; ``"auto"``
+    builds the MS / FID :class:`~ggans.evaluation.Evaluator` when ``cfg.eval.every > 0``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mnist = load_mnist(cfg.data.dir) if mnist is None else mnist
     shards = make_shards(cfg, mnist)
+    if evaluator == "auto":
+        evaluator = None
+        if cfg.eval.every:
+            from ggans.evaluation import Evaluator
+
+            evaluator = Evaluator(
+                cfg.model, mnist.train_images, cfg.eval.samples, cfg.eval.grid_replicas, out
+            )
     init_key, train_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
     initial = init_replicas(cfg.model, init_key, cfg.nodes, cfg.init)
     metrics_path = out / "metrics.jsonl"
@@ -138,6 +148,9 @@ def run(
                 )
     finally:
         bar.close()
+    grid = getattr(evaluator, "last_grid", None)
+    if grid is not None:
+        shutil.copyfile(grid, grid.with_name("final.png"))
     summary = {
         "name": cfg.name,
         "rounds": cfg.rounds,
