@@ -42,6 +42,21 @@ def check_group_choices(argv: list[str], conf: Path) -> None:
                 raise GGansError(f"{key}={choice!r}: must be one of {', '.join(allowed)}")
 
 
+def latest_unfinished(out: Path) -> Path:
+    """For ``resume=true`` in a fresh timestamped folder: the newest sibling run folder with a
+    checkpoint and no summary (the run to continue); ``out`` itself when there is none."""
+    candidates = [
+        p
+        for p in out.parent.iterdir()
+        if p != out and (p / "checkpoints").is_dir() and not (p / "summary.json").exists()
+    ]
+    if not candidates:
+        return out
+    found = max(candidates, key=lambda p: p.stat().st_mtime)
+    log.info("resume=true: continuing %s", found)
+    return found
+
+
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -49,13 +64,22 @@ def _task(cfg: DictConfig) -> None:
     from ggans.run import run
     from ggans.tracking import make_loggers
 
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
         run_cfg = from_dict(container)
+        if cfg.get("distributed"):
+            import jax
+
+            jax.distributed.initialize()
         out = Path(HydraConfig.get().runtime.output_dir)
+        resume = cfg.get("resume", "auto")
+        if resume is True and not (out / "checkpoints").is_dir():
+            out = latest_unfinished(out)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         loggers = make_loggers(container.get("logger"), run_cfg, out, container)
-        run(run_cfg, out, progress=cfg.get("progress", "auto"), loggers=loggers)
+        run(run_cfg, out, progress=cfg.get("progress", "auto"), loggers=loggers, resume=resume)
     except GGansError as err:
         print(f"ggans: error: {err}", file=sys.stderr)
         sys.exit(2)

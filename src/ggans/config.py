@@ -50,6 +50,9 @@ class RunConfig:
     faults: Faults = field(default_factory=Faults)
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"
+    checkpoint_every: int = 10  # rounds between checkpoints (and always at the end); 0: end only
+    on_nan: str = "stop"  # stop | skip (leave a non-finite machine out of every exchange)
+    shard: bool = True  # split the machine axis over all devices when there are several
 
     @property
     def rounds(self) -> int:
@@ -124,6 +127,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _int("eval.every", cfg.eval.every, 0)
     _int("eval.samples", cfg.eval.samples, 2)
     _int("eval.grid_replicas", cfg.eval.grid_replicas, 0)
+    _int("checkpoint.every", cfg.checkpoint_every, 0)
+    _choice("on_nan", cfg.on_nan, ("stop", "skip"))
     return cfg
 
 
@@ -132,7 +137,8 @@ def from_dict(d: dict) -> RunConfig:
     d = dict(d)
     protocol = dict(d.pop("protocol", {}) or {})
     mixing = dict(d.pop("mixing", {}) or {})
-    for key in ("logger", "progress", "hydra", "checkpoint", "resume", "on_nan", "wandb"):
+    checkpoint = dict(d.pop("checkpoint", {}) or {})
+    for key in ("logger", "progress", "hydra", "resume", "distributed"):
         d.pop(key, None)
     try:
         cfg = RunConfig(
@@ -149,6 +155,9 @@ def from_dict(d: dict) -> RunConfig:
             faults=_build(Faults, "faults", d.pop("faults", None)),
             eval=_build(EvalConfig, "eval", d.pop("eval", None)),
             name=d.pop("name", "run"),
+            checkpoint_every=checkpoint.get("every", 10),
+            on_nan=d.pop("on_nan", "stop"),
+            shard=d.pop("shard", True),
         )
     except TypeError as err:
         raise ConfigError(f"config: {err}") from None

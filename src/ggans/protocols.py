@@ -114,15 +114,19 @@ def round_mixing(
     n: int,
     model_bytes: tuple[int, int],
     faults: Faults = Faults(),  # noqa: B008 (frozen, immutable)
+    active: jax.Array | None = None,
 ) -> tuple[Mixing, Mixing, Traffic]:
     """The G mixing, the D mixing and the traffic of one round.
 
     ``model_bytes``: bytes of one G and of one D message (everything that is mixed).
+    ``active`` [N] bool: machines taking part at all (others are treated as dropped).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
     drop_key, g_key, d_key = jax.random.split(key, 3)
     alive = _alive(drop_key, n, faults)
+    if active is not None:
+        alive = alive & active
     g_bytes, d_bytes = model_bytes
     zeros = jnp.zeros(n, jnp.float32)
     if protocol == "standalone" or n == 1:
@@ -150,11 +154,21 @@ def round_mixing(
 
 
 def mix_dense(mixing: Mixing, tree: PyTree) -> PyTree:
-    """new_i = sum_j W[i, j] old_j for every float leaf, with one einsum per leaf."""
+    """new_i = sum_j W[i, j] old_j for every float leaf, with one einsum per leaf.
+
+    A zero weight never lets a non-finite model in (0 * nan would), and a machine that only
+    keeps its own model keeps it exactly.
+    """
     w = mixing.matrix()
-    return jax.tree.map(
-        lambda x: jnp.einsum("ij,j...->i...", w, x).astype(x.dtype) if _is_float(x) else x, tree
-    )
+    keep = jnp.diagonal(w) == 1.0
+
+    def leaf(x):
+        if not _is_float(x):
+            return x
+        y = jnp.einsum("ij,j...->i...", w, jnp.where(jnp.isfinite(x), x, 0)).astype(x.dtype)
+        return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
+
+    return jax.tree.map(leaf, tree)
 
 
 def mix_gather(mixing: Mixing, tree: PyTree) -> PyTree:
@@ -164,7 +178,8 @@ def mix_gather(mixing: Mixing, tree: PyTree) -> PyTree:
         if not _is_float(x):
             return x
         w = mixing.weight.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        return jax.ops.segment_sum(w * x[mixing.src], mixing.dst, mixing.n)
+        sent = jnp.where(w > 0, w * x[mixing.src], 0)  # a lost message carries nothing, not nan
+        return jax.ops.segment_sum(sent, mixing.dst, mixing.n)
 
     return jax.tree.map(leaf, tree)
 

@@ -8,7 +8,7 @@ resuming from round r reproduces an uninterrupted run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -40,6 +40,7 @@ class RoundSpec:
     faults: Faults = field(default_factory=Faults)
     form: str = "auto"  # mixing form: auto | dense | gather
     mix_optimizer: bool = False
+    sharding: jax.sharding.Sharding | None = None  # of the replica axis, when sharded
 
 
 class RoundInfo(struct.PyTreeNode):
@@ -88,12 +89,12 @@ def message_bytes(state: GanState, mix_optimizer: bool) -> tuple[int, int]:
 
 
 def exchange(
-    spec: RoundSpec, state: GanState, key: jax.Array, finite: jax.Array | None = None
+    spec: RoundSpec, state: GanState, key: jax.Array, active: jax.Array | None = None
 ) -> tuple[GanState, Traffic]:
-    """The protocol's exchange on the stacked state."""
+    """The protocol's exchange on the stacked state; inactive machines are left out."""
     n = jax.tree.leaves(state)[0].shape[0]
     g_mix, d_mix, traffic = protocols.round_mixing(
-        spec.protocol, key, n, message_bytes(state, spec.mix_optimizer), spec.faults
+        spec.protocol, key, n, message_bytes(state, spec.mix_optimizer), spec.faults, active
     )
     if spec.protocol == "standalone" or n == 1:
         return state, traffic
@@ -108,6 +109,8 @@ def exchange(
         g_opt=g_opt,
         d_opt=d_opt,
     )
+    if spec.sharding is not None:  # keep the mixed state sharded like its input
+        mixed = jax.lax.with_sharding_constraint(mixed, spec.sharding)
     return mixed, traffic
 
 
@@ -117,7 +120,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(per_leaf).all(axis=0)
 
 
-def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key: jax.Array, r):
+def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key, r, active):
     n = shards.size.shape[0]
     keys, mix_key = round_keys(train_key, r, n)
     local = partial(local_steps, spec.gan, spec.local_steps)
@@ -126,7 +129,7 @@ def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key: jax.Arra
     )
     metrics = jax.tree.map(lambda x: x.mean(axis=1), steps)
     finite = _all_finite(state) & _all_finite(metrics)
-    state, traffic = exchange(spec, state, mix_key)
+    state, traffic = exchange(spec, state, mix_key, active & finite)
     return state, RoundInfo(metrics, traffic, finite)
 
 
@@ -135,11 +138,19 @@ _compiled_round = jax.jit(_round, static_argnums=0, donate_argnums=1)
 
 
 def make_round(spec: RoundSpec):
-    """The jitted round ``(state, shards, train_key, r) -> (state, RoundInfo)``.
+    """The jitted round ``(state, shards, train_key, r[, active]) -> (state, RoundInfo)``.
 
-    The state's buffers are donated: a round updates them in place.
+    ``active`` [N] bool (default all) marks the machines allowed in the exchange; a machine
+    whose parameters or losses turn non-finite is left out of it too. The state's buffers
+    are donated: a round updates them in place.
     """
-    return partial(_compiled_round, spec)
+
+    def round_fn(state, shards, train_key, r, active=None):
+        if active is None:
+            active = jnp.ones(shards.size.shape, bool)
+        return _compiled_round(spec, state, shards, train_key, jnp.asarray(r, jnp.int32), active)
+
+    return round_fn
 
 
 def iterate_rounds(
@@ -149,12 +160,14 @@ def iterate_rounds(
     train_key: jax.Array,
     rounds: int,
     start: int = 0,
+    active: Callable[[], jax.Array | None] = lambda: None,
 ) -> Iterator[tuple[int, GanState, RoundInfo]]:
     """Run rounds ``start .. rounds - 1``, yielding ``(r, state, info)`` after each.
 
     The only Python loop of training: it iterates over rounds, never over machines.
+    ``active()`` is asked before each round for the machines allowed in the exchange.
     """
     round_fn = make_round(spec)
     for r in range(start, rounds):
-        state, info = round_fn(state, shards, train_key, jnp.asarray(r, jnp.int32))
+        state, info = round_fn(state, shards, train_key, r, active())
         yield r, state, info
