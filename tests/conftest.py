@@ -5,11 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tests run tiny models for a few steps: compile time dominates, so ask XLA for less
+# optimisation, and share compiled programs between the CLI subprocesses of one session.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+).strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax.numpy as jnp  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
 MNIST_DIR = Path(os.environ.get("GGANS_DATA_DIR") or ROOT.parent / "shared" / "data" / "mnist")
 
 

@@ -18,10 +18,17 @@ def copy(tree):
     return jax.tree.map(lambda x: x.copy(), tree)
 
 
-def assert_trees_close(a, b, rtol=1e-3, atol=1e-4):
-    # Adam turns float32 reordering noise in near-zero gradients into differences up to ~lr/10
+def assert_trees_close(a, b, steps=3, lr=1e-3):
+    """Equal up to float32 reordering noise: almost every element within 1e-5, and none off
+    by more than Adam can move a weight in ``steps`` steps (about lr each), which is what a
+    near-zero gradient that flips sign under reordering turns into."""
+    diffs = []
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        np.testing.assert_allclose(x, y, rtol=0, atol=2 * lr * steps)
+        diffs.append(np.abs(x - y).ravel())
+    d = np.concatenate(diffs)
+    assert np.quantile(d, 0.99) < 1e-5, np.quantile(d, [0.5, 0.99, 0.999])
 
 
 @pytest.mark.parametrize("protocol", ["gossip_ind", "federated"])
@@ -54,7 +61,8 @@ def test_round_is_deterministic_and_seed_dependent():
     a, _ = round_fn(copy(state), shards, jax.random.key(1), 0)
     b, _ = round_fn(copy(state), shards, jax.random.key(1), 0)
     c, _ = round_fn(copy(state), shards, jax.random.key(2), 0)
-    assert_trees_close(a, b, rtol=0, atol=0)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
     assert not np.allclose(a.g_params["Dense_0"]["kernel"], c.g_params["Dense_0"]["kernel"])
 
 
@@ -85,3 +93,16 @@ def test_nonsat_loss_runs_and_differs_from_wgan():
     assert float(outs["nonsat"].metrics.gradient_penalty.max()) == 0.0
     assert float(outs["wgan_gp"].metrics.gradient_penalty.min()) > 0.0
     assert (np.asarray(outs["nonsat"].metrics.g_loss) > 0).all()  # softplus: positive
+
+
+def test_chunked_round_equals_one_vmap():
+    n = 4
+    shards = synthetic_shards(n, images=16)
+    state = init_replicas(TINY, jax.random.key(0), n, "independent")
+    outs = []
+    for chunk in (None, 2):
+        spec = RoundSpec(gan=TINY, protocol="gossip", local_steps=2, chunk=chunk)
+        outs.append(make_round(spec)(copy(state), shards, jax.random.key(1), 0))
+    assert_trees_close(outs[0][0], outs[1][0])
+    for x, y in zip(jax.tree.leaves(outs[0][1].metrics), jax.tree.leaves(outs[1][1].metrics)):
+        np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-6)  # the penalty cancels digits

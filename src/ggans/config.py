@@ -53,6 +53,7 @@ class RunConfig:
     checkpoint_every: int = 10  # rounds between checkpoints (and always at the end); 0: end only
     on_nan: str = "stop"  # stop | skip (leave a non-finite machine out of every exchange)
     shard: bool = True  # split the machine axis over all devices when there are several
+    chunk: int | None = None  # machines trained at once; None: all (bounds memory at large N)
 
     @property
     def rounds(self) -> int:
@@ -67,6 +68,7 @@ class RunConfig:
             faults=self.faults,
             form=self.mixing_form,
             mix_optimizer=self.mix_optimizer,
+            chunk=self.chunk,
         )
 
 
@@ -129,6 +131,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _int("eval.grid_replicas", cfg.eval.grid_replicas, 0)
     _int("checkpoint.every", cfg.checkpoint_every, 0)
     _choice("on_nan", cfg.on_nan, ("stop", "skip"))
+    if cfg.chunk is not None and (_int("chunk", cfg.chunk, 1) and cfg.nodes % cfg.chunk):
+        raise ConfigError(f"chunk={cfg.chunk}: must divide nodes ({cfg.nodes}), or be null")
     return cfg
 
 
@@ -158,6 +162,7 @@ def from_dict(d: dict) -> RunConfig:
             checkpoint_every=checkpoint.get("every", 10),
             on_nan=d.pop("on_nan", "stop"),
             shard=d.pop("shard", True),
+            chunk=d.pop("chunk", None),
         )
     except TypeError as err:
         raise ConfigError(f"config: {err}") from None

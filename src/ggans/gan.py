@@ -36,7 +36,7 @@ class GanSpec:
     beta2: float = 0.999
     weight_decay: float = 2.5e-5
     bn_momentum: float = 0.999
-    impl: str = "flax"
+    impl: str = "fast"  # ggans.layers convolutions; "flax" for flax.linen's own
 
     @property
     def generator(self) -> Generator:

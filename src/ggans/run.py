@@ -31,7 +31,7 @@ from ggans.sharding import replica_sharding, replicated
 from ggans.training import RoundInfo, Shards, iterate_rounds
 
 log = logging.getLogger("ggans")
-OPERATIONAL = ("checkpoint_every", "on_nan", "shard")  # may change when a run is resumed
+OPERATIONAL = ("checkpoint_every", "on_nan", "shard", "chunk")  # may change when a run is resumed
 TRAIN_SIGNALS = ("g_loss", "d_loss", "wasserstein", "gradient_penalty")
 
 

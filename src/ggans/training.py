@@ -41,6 +41,7 @@ class RoundSpec:
     form: str = "auto"  # mixing form: auto | dense | gather
     mix_optimizer: bool = False
     sharding: jax.sharding.Sharding | None = None  # of the replica axis, when sharded
+    chunk: int | None = None  # machines trained at once (vmapped); None: all N
 
 
 class RoundInfo(struct.PyTreeNode):
@@ -120,14 +121,46 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(per_leaf).all(axis=0)
 
 
+def train_machines(spec: RoundSpec, state: GanState, keys: jax.Array, shards: Shards):
+    """K local steps on every machine: one vmap over all N, or over chunks of ``spec.chunk``
+    machines in turn (a ``fori_loop`` updating the stacked state in place), which bounds the
+    memory of temporaries at large N. Returns the state and per-machine mean metrics [N]."""
+    local = jax.vmap(partial(local_steps, spec.gan, spec.local_steps), in_axes=(0, 0, None, 0, 0))
+    n = keys.shape[0]
+    c = spec.chunk or n
+    if c >= n:
+        state, steps = local(state, keys, shards.images, shards.index, shards.size)
+        return state, jax.tree.map(lambda x: x.mean(axis=1), steps)
+    if n % c:
+        raise ValueError(f"chunk={c}: must divide nodes={n}")
+
+    def body(i, carry):
+        state, metrics = carry
+
+        def part(x):
+            return jax.lax.dynamic_slice_in_dim(x, i * c, c)
+
+        def put(x, y):
+            return jax.lax.dynamic_update_slice_in_dim(x, y, i * c, 0)
+
+        new, steps = local(
+            jax.tree.map(part, state),
+            part(keys),
+            shards.images,
+            part(shards.index),
+            part(shards.size),
+        )
+        means = jax.tree.map(lambda x: x.mean(axis=1), steps)
+        return jax.tree.map(put, state, new), jax.tree.map(put, metrics, means)
+
+    zeros = StepMetrics(*(jnp.zeros(n) for _ in range(4)))
+    return jax.lax.fori_loop(0, n // c, body, (state, zeros))
+
+
 def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key, r, active):
     n = shards.size.shape[0]
     keys, mix_key = round_keys(train_key, r, n)
-    local = partial(local_steps, spec.gan, spec.local_steps)
-    state, steps = jax.vmap(local, in_axes=(0, 0, None, 0, 0))(
-        state, keys, shards.images, shards.index, shards.size
-    )
-    metrics = jax.tree.map(lambda x: x.mean(axis=1), steps)
+    state, metrics = train_machines(spec, state, keys, shards)
     finite = _all_finite(state) & _all_finite(metrics)
     state, traffic = exchange(spec, state, mix_key, active & finite)
     return state, RoundInfo(metrics, traffic, finite)
