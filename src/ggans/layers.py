@@ -1,0 +1,561 @@
+"""Convolutions that stay fast on XLA's CPU backend under ``jax.vmap`` and double backward.
+
+``Conv`` and ``ConvTranspose`` are drop-in, parameter-compatible replacements for
+``flax.linen.Conv`` and ``flax.linen.ConvTranspose`` (channels last, kernel ``[*k, cin, cout]``,
+param names ``kernel`` and ``bias``, same initialisers, same outputs for the same params).
+
+Why. On the CPU backend XLA runs a plain convolution, its input gradient and its kernel gradient
+at close to matmul speed, but
+
+* the kernel gradient of a *transposed* (input-dilated) convolution, which is what autodiff
+  produces for ``ConvTranspose`` and for the second-order terms of a gradient penalty, is
+  30-50x slower;
+* under ``jax.vmap`` over stacked params every convolution becomes a grouped convolution
+  (``feature_group_count = N``), which it runs at a small fraction of matmul speed.
+
+How. A strided convolution defines a trilinear form ``T(u, v, W) = <conv(u, W), v>`` between a
+"high-resolution" activation ``u [B, *U, ci]``, a "low-resolution" one ``v [B, *V, co]`` and a
+kernel ``W [*k, ci, co]``. Its three bilinear slots are three primitives defined here:
+
+* ``conv_p(u, W) -> v``     the convolution;
+* ``convt_p(v, W) -> u``    its transpose in ``u`` (a transposed convolution);
+* ``kgrad_p(u, v) -> W``    its transpose in ``W`` (the kernel gradient).
+
+The set is closed under differentiation: each one's JVP and transposes are members of the set,
+so gradients of any order (WGAN-GP's double backward included) only ever run these three, each
+lowered to the XLA convolution that is fast for it (the forward conv, and XLA's own first-order
+transposes of it). ``ConvTranspose`` is ``convt_p`` with the kernel flipped and its channel axes
+swapped. Under ``jax.vmap`` the batching rules never emit a grouped convolution: a batched
+activation with shared weights is folded into the batch axis, a shared activation with batched
+weights into the channel axis, and when both are batched (stacked replicas) the replicas run
+as N ordinary convolutions (unrolled, or a ``lax.map`` for large N; see ``UNROLL_MAX``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax.linen import initializers
+from flax.linen.dtypes import promote_dtype
+from flax.linen.linear import PaddingLike, PrecisionLike, canonicalize_padding
+from flax.linen.module import Module, compact
+from flax.typing import Array, Dtype, Initializer
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+__all__ = [
+    "Conv",
+    "ConvTranspose",
+    "conv",
+    "conv_transpose",
+    "conv_p",
+    "convt_p",
+    "kgrad_p",
+    "UNROLL_MAX",
+]
+
+default_kernel_init = initializers.lecun_normal()
+
+#: Under vmap with both operands batched (stacked replicas), batch sizes up to this are unrolled
+#: into N independent convolutions in the HLO; larger ones run through ``lax.map``.
+UNROLL_MAX = 32
+
+
+# ----------------------------------------------------------------------------- helpers
+def _tuple(x: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
+    if x is None:
+        return (1,) * n
+    if isinstance(x, int):
+        return (x,) * n
+    return tuple(x)
+
+
+def _dn(nsp: int) -> lax.ConvDimensionNumbers:
+    """Channels-last dimension numbers: lhs/out ``[B, *sp, C]``, rhs ``[*k, I, O]``."""
+    io = (0, nsp + 1, *range(1, nsp + 1))
+    return lax.ConvDimensionNumbers(io, (nsp + 1, nsp, *range(nsp)), io)
+
+
+def _conv_impl(u, w, *, strides, padding, precision):
+    return lax.conv_general_dilated(
+        u, w, strides, padding, dimension_numbers=_dn(u.ndim - 2), precision=precision
+    )
+
+
+def _convt_impl_xla(v, w, *, strides, padding, precision, u_spatial):
+    """XLA's own transpose of the convolution (an input-dilated convolution)."""
+    u_aval = jax.ShapeDtypeStruct((v.shape[0], *u_spatial, w.shape[-2]), v.dtype)
+    f = partial(_conv_impl, w=w, strides=strides, padding=padding, precision=precision)
+    return jax.linear_transpose(f, u_aval)(v)[0]
+
+
+def _convt_impl(v, w, *, strides, padding, precision, u_spatial):
+    """Transposed convolution as ``prod(strides)`` stride-1 convolutions, one per output phase,
+    whose results are interleaved.
+
+    Per spatial dim, ``u[i] = sum_{o, t: s*o + t - lo = i} v[o] W[t]^T``. For the output phase
+    ``i = s*m + p``, with ``p + lo = s*c + r``: ``u[s*m + p] = sum_j v[m + c - j] W[r + s*j]^T``,
+    a stride-1 correlation of (padded) ``v`` with the flipped taps ``r, r+s, ...`` of the kernel.
+    """
+    nsp = v.ndim - 2
+    ksize = w.shape[:nsp]
+    batch, cin = v.shape[0], w.shape[-2]
+    vsp = v.shape[1:-1]
+    nm = [-(-un // s) for un, s in zip(u_spatial, strides)]  # outputs per phase
+    dn = _dn(nsp)
+
+    def phase(ps):
+        rs = [(p + lo) % s for p, (lo, _), s in zip(ps, padding, strides)]
+        cs = [(p + lo) // s for p, (lo, _), s in zip(ps, padding, strides)]
+        taps = [-(-(k - r) // s) for k, r, s in zip(ksize, rs, strides)]
+        if min(taps) <= 0:
+            return jnp.zeros((batch, *nm, cin), v.dtype)
+        sub = w[tuple(slice(r, None, s) for r, s in zip(rs, strides))]  # [*J, ci, co]
+        sub = jnp.swapaxes(jnp.flip(sub, axis=tuple(range(nsp))), -1, -2)  # [*J, co, ci]
+        pads = [(j - 1 - c, m + c - n) for j, c, m, n in zip(taps, cs, nm, vsp)]
+        return lax.conv_general_dilated(
+            v, sub, (1,) * nsp, pads, dimension_numbers=dn, precision=precision
+        )
+
+    def build(d, ps):
+        if d == nsp:
+            return phase(ps)
+        return jnp.stack([build(d + 1, (*ps, p)) for p in range(strides[d])], axis=d + 2)
+
+    full = build(0, ())  # [B, M0, s0, M1, s1, ..., ci]
+    full = full.reshape((batch, *[m * s for m, s in zip(nm, strides)], cin))
+    if full.shape[1:-1] != tuple(u_spatial):
+        full = lax.slice(full, (0,) * full.ndim, (batch, *u_spatial, cin))
+    return full
+
+
+def _kgrad_impl_xla(u, v, *, strides, padding, precision, k_spatial):
+    """XLA's own transpose of the convolution in the kernel."""
+    w_aval = jax.ShapeDtypeStruct((*k_spatial, u.shape[-1], v.shape[-1]), u.dtype)
+    f = partial(_conv_impl, u, strides=strides, padding=padding, precision=precision)
+    return jax.linear_transpose(f, w_aval)(v)[0]
+
+
+def _kgrad_impl(u, v, *, strides, padding, precision, k_spatial):
+    """Kernel gradient ``W[t] = sum_{b, o} u[b, s*o + t - lo]^T v[b, o]`` as one convolution
+    with the example axis as the contracted feature axis and ``ci`` as its batch axis, laid out
+    explicitly channels-last (XLA's CPU backend runs this form fast also inside loops, where it
+    does not rewrite the form that autodiff emits)."""
+    nsp = u.ndim - 2
+    perm_u = (nsp + 1, *range(1, nsp + 1), 0)  # [ci, *U, B]
+    perm_v = (*range(1, nsp + 1), 0, nsp + 1)  # [*V, B, co]
+    pads = []
+    for n, m, k, s, (lo, _) in zip(u.shape[1:-1], v.shape[1:-1], k_spatial, strides, padding):
+        pads.append((lo, k + s * (m - 1) - n - lo))
+    o = lax.conv_general_dilated(
+        jnp.transpose(u, perm_u),
+        jnp.transpose(v, perm_v),
+        (1,) * nsp,
+        pads,
+        rhs_dilation=strides,
+        dimension_numbers=_dn(nsp),
+        precision=precision,
+    )  # [ci, *k, co]
+    return jnp.moveaxis(o, 0, -2)
+
+
+def _out_spatial(u_spatial, k_spatial, strides, padding):
+    return tuple(
+        (n + lo + hi - k) // s + 1
+        for n, k, s, (lo, hi) in zip(u_spatial, k_spatial, strides, padding)
+    )
+
+
+# ----------------------------------------------------------------------------- primitives
+conv_p = Primitive("ggans_conv")
+convt_p = Primitive("ggans_conv_transpose")
+kgrad_p = Primitive("ggans_conv_kernel_grad")
+
+
+def _check_dtypes(a, b):
+    if a.dtype != b.dtype:
+        raise TypeError(f"ggans.layers: operand dtypes differ: {a.dtype} vs {b.dtype}")
+    return a.dtype
+
+
+def _conv_abstract(u, w, *, strides, padding, precision):
+    dt = _check_dtypes(u, w)
+    nsp = u.ndim - 2
+    vs = _out_spatial(u.shape[1:-1], w.shape[:nsp], strides, padding)
+    return jax.core.ShapedArray((u.shape[0], *vs, w.shape[-1]), dt)
+
+
+def _convt_abstract(v, w, *, strides, padding, precision, u_spatial):
+    dt = _check_dtypes(v, w)
+    return jax.core.ShapedArray((v.shape[0], *u_spatial, w.shape[-2]), dt)
+
+
+def _kgrad_abstract(u, v, *, strides, padding, precision, k_spatial):
+    dt = _check_dtypes(u, v)
+    return jax.core.ShapedArray((*k_spatial, u.shape[-1], v.shape[-1]), dt)
+
+
+conv_p.def_abstract_eval(_conv_abstract)
+convt_p.def_abstract_eval(_convt_abstract)
+kgrad_p.def_abstract_eval(_kgrad_abstract)
+conv_p.def_impl(_conv_impl)
+convt_p.def_impl(_convt_impl)
+kgrad_p.def_impl(_kgrad_impl)
+mlir.register_lowering(conv_p, mlir.lower_fun(_conv_impl, multiple_results=False))
+mlir.register_lowering(convt_p, mlir.lower_fun(_convt_impl, multiple_results=False))
+mlir.register_lowering(kgrad_p, mlir.lower_fun(_kgrad_impl, multiple_results=False))
+
+
+def _nsp(x) -> int:
+    return len(x.aval.shape) - 2
+
+
+# --- transposes (each slot's transpose is another slot) ---
+def _conv_t_u(ct, u, w, *, strides, padding, precision):
+    return convt_p.bind(
+        ct,
+        w,
+        strides=strides,
+        padding=padding,
+        precision=precision,
+        u_spatial=tuple(u.aval.shape[1:-1]),
+    )
+
+
+def _conv_t_w(ct, u, w, *, strides, padding, precision):
+    nsp = len(strides)
+    return kgrad_p.bind(
+        u,
+        ct,
+        strides=strides,
+        padding=padding,
+        precision=precision,
+        k_spatial=tuple(w.aval.shape[:nsp]),
+    )
+
+
+def _convt_t_v(ct, v, w, *, strides, padding, precision, u_spatial):
+    return conv_p.bind(ct, w, strides=strides, padding=padding, precision=precision)
+
+
+def _convt_t_w(ct, v, w, *, strides, padding, precision, u_spatial):
+    nsp = len(strides)
+    return kgrad_p.bind(
+        ct,
+        v,
+        strides=strides,
+        padding=padding,
+        precision=precision,
+        k_spatial=tuple(w.aval.shape[:nsp]),
+    )
+
+
+def _kgrad_t_u(ct, u, v, *, strides, padding, precision, k_spatial):
+    return convt_p.bind(
+        v,
+        ct,
+        strides=strides,
+        padding=padding,
+        precision=precision,
+        u_spatial=tuple(u.aval.shape[1:-1]),
+    )
+
+
+def _kgrad_t_v(ct, u, v, *, strides, padding, precision, k_spatial):
+    return conv_p.bind(u, ct, strides=strides, padding=padding, precision=precision)
+
+
+ad.defbilinear(conv_p, _conv_t_u, _conv_t_w)
+ad.defbilinear(convt_p, _convt_t_v, _convt_t_w)
+ad.defbilinear(kgrad_p, _kgrad_t_u, _kgrad_t_v)
+
+
+# --- batching ---
+def _per_replica(fn, a, b):
+    """``stack([fn(a[i], b[i]) for i])`` for operands batched on axis 0."""
+    n = a.shape[0]
+    if n <= UNROLL_MAX:
+        return jnp.stack([fn(a[i], b[i]) for i in range(n)])
+    return lax.map(lambda ab: fn(*ab), (a, b))
+
+
+def _fold_batch(x, bd):
+    """Move batch dim ``bd`` to the front and merge it with the example axis."""
+    x = jnp.moveaxis(x, bd, 0)
+    return x.reshape((-1, *x.shape[2:])), x.shape[0]
+
+
+def _unfold_batch(y, n):
+    return y.reshape((n, -1, *y.shape[1:]))
+
+
+def _fold_channels(x, bd, axis):
+    """Move batch dim ``bd`` next to (before) channel axis ``axis`` (of the unbatched array,
+    negative) and merge them."""
+    x = jnp.moveaxis(x, bd, axis - 1)
+    shp = x.shape
+    return x.reshape((*shp[: axis - 1 + x.ndim], -1, *shp[x.ndim + axis + 1 :])), shp[axis - 1]
+
+
+def _unfold_channels(y, n, axis):
+    """Split channel axis ``axis`` (negative) into ``[n, c]`` and move ``n`` to the front."""
+    shp = y.shape
+    a = y.ndim + axis
+    y = y.reshape((*shp[:a], n, shp[a] // n, *shp[a + 1 :]))
+    return jnp.moveaxis(y, a, 0)
+
+
+def _conv_batch(args, dims, **params):
+    u, w = args
+    bu, bw = dims
+    if bw is None:
+        uf, n = _fold_batch(u, bu)
+        return _unfold_batch(conv_p.bind(uf, w, **params), n), 0
+    if bu is None:  # shared input, N kernels: N*co output channels
+        wf, n = _fold_channels(w, bw, -1)
+        return _unfold_channels(conv_p.bind(u, wf, **params), n, -1), 0
+    u, w = jnp.moveaxis(u, bu, 0), jnp.moveaxis(w, bw, 0)
+    return _per_replica(lambda a, b: conv_p.bind(a, b, **params), u, w), 0
+
+
+def _convt_batch(args, dims, **params):
+    v, w = args
+    bv, bw = dims
+    if bw is None:
+        vf, n = _fold_batch(v, bv)
+        return _unfold_batch(convt_p.bind(vf, w, **params), n), 0
+    if bv is None:  # shared input, N kernels: N*ci output channels
+        wf, n = _fold_channels(w, bw, -2)
+        return _unfold_channels(convt_p.bind(v, wf, **params), n, -1), 0
+    v, w = jnp.moveaxis(v, bv, 0), jnp.moveaxis(w, bw, 0)
+    return _per_replica(lambda a, b: convt_p.bind(a, b, **params), v, w), 0
+
+
+def _kgrad_batch(args, dims, **params):
+    u, v = args
+    bu, bv = dims
+    if bv is None:  # N inputs u, shared v: N*ci kernel input channels
+        uf, n = _fold_channels(u, bu, -1)
+        return _unfold_channels(kgrad_p.bind(uf, v, **params), n, -2), 0
+    if bu is None:
+        vf, n = _fold_channels(v, bv, -1)
+        return _unfold_channels(kgrad_p.bind(u, vf, **params), n, -1), 0
+    u, v = jnp.moveaxis(u, bu, 0), jnp.moveaxis(v, bv, 0)
+    return _per_replica(lambda a, b: kgrad_p.bind(a, b, **params), u, v), 0
+
+
+batching.primitive_batchers[conv_p] = _conv_batch
+batching.primitive_batchers[convt_p] = _convt_batch
+batching.primitive_batchers[kgrad_p] = _kgrad_batch
+
+
+# ----------------------------------------------------------------------------- functions
+def _conv_transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
+    """Padding of the dilated input, as ``lax.conv_transpose`` computes it."""
+    if padding == "SAME":
+        pad_len = k + s - 2
+        pad_a = k - 1 if s > k - 1 else int(math.ceil(pad_len / 2))
+    elif padding == "VALID":
+        pad_len = k + s - 2 + max(k - s, 0)
+        pad_a = k - 1
+    else:
+        raise ValueError(f"Padding mode must be `SAME` or `VALID`; got {padding}.")
+    return pad_a, pad_len - pad_a
+
+
+def conv(
+    x: Array,
+    kernel: Array,
+    strides: Sequence[int] | int = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    *,
+    precision: PrecisionLike = None,
+) -> Array:
+    """``lax.conv_general_dilated(x, kernel, strides, padding)``, channels last
+    (``x [B, *sp, cin]``, ``kernel [*k, cin, cout]``), with the fast derivative/vmap rules."""
+    nsp = x.ndim - 2
+    strides = _tuple(strides, nsp)
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:nsp], strides, padding)
+    else:
+        pads = padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    return conv_p.bind(x, kernel, strides=strides, padding=pads, precision=precision)
+
+
+def conv_transpose(
+    x: Array,
+    kernel: Array,
+    strides: Sequence[int] | int = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    *,
+    precision: PrecisionLike = None,
+) -> Array:
+    """``lax.conv_transpose(x, kernel, strides, padding)`` (``transpose_kernel=False``),
+    channels last, with the fast derivative/vmap rules.
+
+    ``lax.conv_transpose`` correlates the ``strides``-dilated input, padded by ``(a, b)``, with
+    the unflipped kernel. That is the transpose, in its input, of the strided convolution with
+    the kernel flipped and its channel axes swapped and padding ``(k-1-a, ...)``.
+    """
+    nsp = x.ndim - 2
+    strides = _tuple(strides, nsp)
+    ksize = kernel.shape[:nsp]
+    if isinstance(padding, str):
+        tpads = [_conv_transpose_padding(k, s, padding) for k, s in zip(ksize, strides)]
+    else:
+        tpads = [tuple(p) for p in padding]
+    u_spatial, pads = [], []
+    for n, k, s, (a, b) in zip(x.shape[1:-1], ksize, strides, tpads):
+        un = s * (n - 1) + 1 + a + b - k + 1  # output size of lax.conv_transpose
+        if un <= 0:
+            raise ValueError(f"empty output: input {x.shape}, kernel {kernel.shape}")
+        lo = k - 1 - a
+        hi = s * (n - 1) + k - un - lo
+        u_spatial.append(un)
+        pads.append((lo, hi))
+    w = jnp.swapaxes(jnp.flip(kernel, axis=tuple(range(nsp))), -1, -2)
+    return convt_p.bind(
+        x,
+        w,
+        strides=strides,
+        padding=tuple(pads),
+        precision=precision,
+        u_spatial=tuple(u_spatial),
+    )
+
+
+# ----------------------------------------------------------------------------- modules
+def _flatten_batch(inputs: Array, nsp: int) -> tuple[Array, tuple[int, ...] | None]:
+    """As flax: merge all leading batch dims into one (adding one if there is none)."""
+    nbatch = inputs.ndim - (nsp + 1)
+    if nbatch == 1:
+        return inputs, None
+    batch_shape = inputs.shape[:nbatch]
+    return inputs.reshape((-1, *inputs.shape[nbatch:])), batch_shape
+
+
+def _kernel_size(ks: int | Sequence[int]) -> tuple[int, ...]:
+    return (ks,) if isinstance(ks, int) else tuple(ks)
+
+
+class Conv(Module):
+    """Drop-in replacement for ``flax.linen.Conv`` (no groups, dilation or mask), with fast
+    gradients (any order) and fast ``vmap`` over stacked params. See the module docstring."""
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: None | int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    input_dilation: None | int | Sequence[int] = 1
+    kernel_dilation: None | int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    mask: Array | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = initializers.zeros_init()
+
+    @compact
+    def __call__(self, inputs: Array) -> Array:
+        kernel_size = _kernel_size(self.kernel_size)
+        nsp = len(kernel_size)
+        if (
+            _tuple(self.input_dilation, nsp) != (1,) * nsp
+            or _tuple(self.kernel_dilation, nsp) != (1,) * nsp
+            or self.feature_group_count != 1
+            or self.mask is not None
+        ):
+            raise NotImplementedError("ggans.layers.Conv: no dilation, groups or mask")
+        padding = canonicalize_padding(self.padding, nsp)
+        inputs, batch_shape = _flatten_batch(inputs, nsp)
+        if padding in ("CIRCULAR", "REFLECT"):  # as flax does it
+            pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in kernel_size] + [(0, 0)]
+            mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+            inputs = jnp.pad(inputs, pads, mode=mode)
+            padding = "VALID"
+        elif padding == "CAUSAL":
+            if nsp != 1:
+                raise ValueError("Causal padding is only implemented for 1D convolutions.")
+            inputs = jnp.pad(inputs, [(0, 0), (kernel_size[0] - 1, 0), (0, 0)])
+            padding = "VALID"
+
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*kernel_size, inputs.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = conv(inputs, kernel, _tuple(self.strides, nsp), padding, precision=self.precision)
+        if bias is not None:
+            y = y + bias
+        if batch_shape is not None:
+            y = y.reshape((*batch_shape, *y.shape[1:]))
+        return y
+
+
+class ConvTranspose(Module):
+    """Drop-in replacement for ``flax.linen.ConvTranspose`` (``transpose_kernel=False``, no
+    dilation or mask; padding 'SAME', 'VALID' or explicit pairs), with fast gradients (any
+    order) and fast ``vmap`` over stacked params. See the module docstring."""
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: Sequence[int] | None = None
+    padding: PaddingLike = "SAME"
+    kernel_dilation: Sequence[int] | None = None
+    use_bias: bool = True
+    mask: Array | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = initializers.zeros_init()
+    transpose_kernel: bool = False
+
+    @compact
+    def __call__(self, inputs: Array) -> Array:
+        kernel_size = _kernel_size(self.kernel_size)
+        nsp = len(kernel_size)
+        if (
+            _tuple(self.kernel_dilation, nsp) != (1,) * nsp
+            or self.mask is not None
+            or self.transpose_kernel
+        ):
+            raise NotImplementedError(
+                "ggans.layers.ConvTranspose: no dilation, mask or transpose_kernel"
+            )
+        padding = canonicalize_padding(self.padding, nsp)
+        if padding == "CIRCULAR":
+            raise NotImplementedError("ggans.layers.ConvTranspose: padding 'CIRCULAR'")
+        inputs, batch_shape = _flatten_batch(inputs, nsp)
+
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*kernel_size, inputs.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = conv_transpose(
+            inputs, kernel, _tuple(self.strides, nsp), padding, precision=self.precision
+        )
+        if bias is not None:
+            y = y + bias
+        if batch_shape is not None:
+            y = y.reshape((*batch_shape, *y.shape[1:]))
+        return y

@@ -1,0 +1,255 @@
+"""ggans.layers.Conv / ConvTranspose against flax.linen: values, gradients of first and second
+order (WGAN-GP style), single and under vmap over stacked params, float32 and float64."""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ggans import layers
+
+# (name, kind, input shape without batch, kwargs); the first five are the TF MNIST GAN's layers
+GAN_CASES = [
+    ("D_conv1", "conv", (28, 28, 1), dict(features=64, kernel_size=(4, 4), strides=(2, 2))),
+    ("D_conv2", "conv", (14, 14, 64), dict(features=128, kernel_size=(4, 4), strides=(2, 2))),
+    (
+        "G_convT1",
+        "convT",
+        (7, 7, 128),
+        dict(features=64, kernel_size=(4, 4), strides=(2, 2), use_bias=False),
+    ),
+    (
+        "G_convT2",
+        "convT",
+        (14, 14, 64),
+        dict(features=32, kernel_size=(4, 4), strides=(2, 2), use_bias=False),
+    ),
+    ("G_conv", "conv", (28, 28, 32), dict(features=1, kernel_size=(4, 4), strides=(1, 1))),
+]
+ODD_CASES = [
+    ("conv_k3s1_valid", "conv", (9, 9, 3), dict(features=5, kernel_size=(3, 3), padding="VALID")),
+    ("conv_k3s2_odd", "conv", (9, 10, 3), dict(features=4, kernel_size=(3, 3), strides=2)),
+    (
+        "conv_k5x3_s3x2_explicit",
+        "conv",
+        (11, 8, 2),
+        dict(features=3, kernel_size=(5, 3), strides=(3, 2), padding=((2, 1), (0, 2))),
+    ),
+    ("conv_1d", "conv", (12, 3), dict(features=4, kernel_size=(3,), strides=2)),
+    ("convT_k3s2", "convT", (5, 4, 3), dict(features=4, kernel_size=(3, 3), strides=(2, 2))),
+    (
+        "convT_k3s2_valid",
+        "convT",
+        (5, 5, 3),
+        dict(features=2, kernel_size=(3, 3), strides=(2, 2), padding="VALID"),
+    ),
+    ("convT_k2s3", "convT", (4, 4, 3), dict(features=2, kernel_size=(2, 2), strides=(3, 3))),
+    ("convT_k5s3_s1", "convT", (4, 5, 2), dict(features=3, kernel_size=(5, 3), strides=(3, 1))),
+    (
+        "convT_explicit",
+        "convT",
+        (5, 5, 2),
+        dict(features=3, kernel_size=(4, 4), strides=(2, 2), padding=((1, 2), (3, 0))),
+    ),
+]
+# the GAN's layer geometries (kernel, stride, padding, spatial size) with few channels
+GAN_SMALL = [
+    (
+        name + "_small",
+        kind,
+        (*shape[:-1], min(shape[-1], 3)),
+        {**kw, "features": min(kw["features"], 4)},
+    )
+    for name, kind, shape, kw in GAN_CASES
+]
+ALL_CASES = GAN_CASES + ODD_CASES
+SMALL_CASES = GAN_SMALL + ODD_CASES
+VMAP_CASES = [GAN_SMALL[0], GAN_SMALL[2], ODD_CASES[6]]
+
+
+def _modules(kind, kw, dtype=jnp.float32):
+    if kind == "conv":
+        return nn.Conv(param_dtype=dtype, **kw), layers.Conv(param_dtype=dtype, **kw)
+    return nn.ConvTranspose(param_dtype=dtype, **kw), layers.ConvTranspose(param_dtype=dtype, **kw)
+
+
+def _setup(kind, shape, kw, batch=4, dtype=jnp.float32, seed=0):
+    ref, new = _modules(kind, kw, dtype)
+    kx, kp, kn = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (batch, *shape), dtype)
+    params = ref.init(kp, x)
+    # non-zero bias, so that it is checked too
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(kn, a.shape, a.dtype), params)
+    return ref, new, params, x
+
+
+def _first_order(m):
+    def f(p, x):
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(p, x)
+
+    return f
+
+
+def _second_order(m):
+    """WGAN-GP's pattern: grad wrt params and input of a function of |grad_x D|."""
+
+    def f(p, x):
+        def penalty(p, x):
+            gx = jax.grad(lambda x: jnp.sum(jnp.tanh(m.apply(p, x))))(x)
+            norms = jnp.sqrt(jnp.sum(gx**2, axis=tuple(range(1, gx.ndim))) + 1e-10)
+            return jnp.mean((norms - 1.0) ** 2)
+
+        return jax.grad(penalty, argnums=(0, 1))(p, x)
+
+    return f
+
+
+def _assert_close(a, b, rtol, what=""):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b), what
+    for x, y in zip(la, lb, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype, (what, x.shape, y.shape)
+        scale = float(jnp.max(jnp.abs(x))) + 1e-30
+        err = float(jnp.max(jnp.abs(x - y)))
+        assert err <= rtol * scale, f"{what}: max err {err:.3g} > {rtol} * {scale:.3g}"
+
+
+def _all_orders(m):
+    """Values, first-order and second-order gradients, in one jitted function."""
+    first, second = _first_order(m), _second_order(m)
+    return jax.jit(lambda p, x: (m.apply(p, x), first(p, x), second(p, x)))
+
+
+@pytest.mark.parametrize("name,kind,shape,kw", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
+def test_gradients_float64(name, kind, shape, kw):
+    with jax.enable_x64(True):
+        ref, new, params, x = _setup(kind, shape, kw, batch=2, dtype=jnp.float64)
+        x = x.astype(jnp.float64)
+        assert jax.tree.leaves(params)[0].dtype == jnp.float64
+        key = jax.random.key(3)
+        _assert_close(ref.init(key, x), new.init(key, x), 0.0, "init")  # same initialisers
+        out_ref = _all_orders(ref)(params, x)
+        out_new = _all_orders(new)(params, x)
+        for i, what in enumerate(["values", "grad", "second order"]):
+            _assert_close(out_ref[i], out_new[i], 1e-11, what)
+
+
+@pytest.mark.parametrize("name,kind,shape,kw", GAN_CASES, ids=[c[0] for c in GAN_CASES])
+def test_gradients_float32(name, kind, shape, kw):
+    ref, new, params, x = _setup(kind, shape, kw, batch=2)
+    key = jax.random.key(3)
+    _assert_close(ref.init(key, x), new.init(key, x), 0.0, "init")  # same initialisers
+    out_ref = _all_orders(ref)(params, x)
+    out_new = _all_orders(new)(params, x)
+    for i, (what, tol) in enumerate([("values", 2e-6), ("grad", 1e-5), ("second order", 1e-4)]):
+        _assert_close(out_ref[i], out_new[i], tol, what)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+@pytest.mark.parametrize("name,kind,shape,kw", VMAP_CASES, ids=[c[0] for c in VMAP_CASES])
+def test_vmap_over_stacked_params(name, kind, shape, kw):
+    """Replicas: params and inputs both batched; also shared params / shared inputs (these
+    take other batching rules), and nested vmap with the batch axis not in front."""
+    with jax.enable_x64(True):
+        n = 3
+        setups = [_setup(kind, shape, kw, batch=2, dtype=jnp.float64, seed=s) for s in range(n)]
+        ref, new = setups[0][0], setups[0][1]
+        P = _stack([s[2] for s in setups])
+        X = jnp.stack([s[3] for s in setups]).astype(jnp.float64)
+        p0, x0 = setups[0][2], X[0]
+
+        def both(m):
+            second = _second_order(m)
+            return lambda p, x: (m.apply(p, x), second(p, x))
+
+        modes = [((0, 0), (P, X), "vmap both")]
+        if name != VMAP_CASES[-1][0]:
+            modes += [((None, 0), (p0, X), "vmap inputs only"), ((0, None), (P, x0), "params only")]
+        for axes, args, what in modes:
+            out_ref = jax.jit(jax.vmap(both(ref), in_axes=axes))(*args)
+            out_new = jax.jit(jax.vmap(both(new), in_axes=axes))(*args)
+            _assert_close(out_ref, out_new, 1e-11, what)
+        if name == VMAP_CASES[0][0]:
+            f_ref = jax.jit(jax.vmap(jax.vmap(_second_order(ref)), in_axes=(None, 1)))
+            f_new = jax.jit(jax.vmap(jax.vmap(_second_order(new)), in_axes=(None, 1)))
+            X2 = jnp.stack([X, X * 0.5], axis=1)
+            _assert_close(f_ref(P, X2), f_new(P, X2), 1e-11, "nested vmap")
+
+
+def test_batch_dims_like_flax():
+    for kind, shape, kw in [(c[1], c[2], c[3]) for c in (GAN_CASES[1], GAN_CASES[2])]:
+        ref, new, params, x = _setup(kind, shape, kw, batch=2)
+        x3 = jnp.stack([x, 2 * x])  # two leading batch dims
+        _assert_close(ref.apply(params, x3), new.apply(params, x3), 2e-6, "2 batch dims")
+        _assert_close(ref.apply(params, x[0]), new.apply(params, x[0]), 2e-6, "no batch dim")
+
+
+def test_vmap_float32_wgangp_discriminator():
+    """The TF MNIST GAN's discriminator with WGAN-GP, vmapped over 2 replicas."""
+
+    class D(nn.Module):
+        impl: str
+
+        @nn.compact
+        def __call__(self, x):
+            conv = nn.Conv if self.impl == "flax" else layers.Conv
+            x = nn.leaky_relu(conv(64, (4, 4), strides=(2, 2))(x), 0.01)
+            x = nn.leaky_relu(conv(128, (4, 4), strides=(2, 2))(x), 0.01)
+            x = nn.Dense(64)(x.reshape(x.shape[0], -1))
+            return nn.Dense(1)(nn.leaky_relu(nn.LayerNorm()(x), 0.01))
+
+    def d_grad(d):
+        def f(p, real, fake, eps):
+            def loss(p):
+                x_hat = eps * real + (1 - eps) * fake
+                gx = jax.grad(lambda x: jnp.sum(d.apply(p, x)))(x_hat)
+                slopes = jnp.sqrt(jnp.sum(gx**2, axis=(1, 2, 3)) + 1e-10)
+                gp = jnp.mean((slopes - 1.0) ** 2)
+                return jnp.mean(d.apply(p, fake)) - jnp.mean(d.apply(p, real)) + gp
+
+            return jax.grad(loss)(p)
+
+        return jax.jit(jax.vmap(f))
+
+    k = jax.random.split(jax.random.key(0), 5)
+    n, b = 2, 8
+    real = jax.random.uniform(k[0], (n, b, 28, 28, 1), minval=-1, maxval=1)
+    fake = jax.random.uniform(k[1], (n, b, 28, 28, 1), minval=-1, maxval=1)
+    eps = jax.random.uniform(k[2], (n, b, 1, 1, 1))
+    params = jax.vmap(D("flax").init)(jax.random.split(k[3], n), real)
+    _assert_close(
+        d_grad(D("flax"))(params, real, fake, eps),
+        d_grad(D("fast"))(params, real, fake, eps),
+        1e-4,
+        "D grad",
+    )
+
+
+def _conv_ops(hlo_text):
+    return [line for line in hlo_text.splitlines() if "convolution" in line]
+
+
+@pytest.mark.parametrize("name,kind,shape,kw", GAN_CASES, ids=[c[0] for c in GAN_CASES])
+def test_no_slow_convolutions_emitted(name, kind, shape, kw):
+    """Under vmap and second order, only ungrouped, input-undilated convolutions are emitted
+    (grouped ones and input-dilated ones are the slow cases of XLA's CPU backend)."""
+    _, new, params, x = _setup(kind, shape, kw, batch=2)
+    P = _stack([params, params])
+    X = jnp.stack([x, x])
+    text = jax.jit(jax.vmap(_second_order(new))).lower(P, X).as_text()
+    convs = _conv_ops(text)
+    assert convs
+    for line in convs:
+        m = re.search(r"lhs_dilate = \[([\d, ]+)\]", line)
+        assert m is None or set(m.group(1).replace(" ", "").split(",")) == {"1"}, line
+        m = re.search(r"feature_group_count = (\d+)", line)
+        assert m is None or m.group(1) == "1", line
+        m = re.search(r"batch_group_count = (\d+)", line)
+        assert m is None or m.group(1) == "1", line
