@@ -245,6 +245,7 @@ def run(
         "final": {k: v for k, v in last.items() if k not in ("round", "iteration", "wall_time")},
     }
     write_json(out / "summary.json", summary)
+    summary = json.loads((out / "summary.json").read_text())  # plain lists, as saved
     for logger in loggers:
         logger.finish(summary)
     return summary
