@@ -121,6 +121,16 @@ def test_message_loss_keeps_receiver_model_and_counts_bytes():
     np.testing.assert_array_equal(g, np.eye(n))
     np.testing.assert_allclose(traffic.sent, sum(BYTES))  # sent, though lost
     np.testing.assert_allclose(traffic.received, 0.0)
+    assert int(traffic.lost) == 2 * n and int(traffic.dropped) == 0
+
+
+@pytest.mark.parametrize("protocol", ["federated", "gossip"])
+def test_fault_counts_match_the_mixing(protocol):
+    n = 20
+    g, _, t = matrices(protocol, n, 3, Faults(node_drop=0.25, message_loss=0.25))
+    silent = np.asarray(t.sent) == 0
+    assert int(t.dropped) == silent.sum() > 0
+    assert int(t.lost) > 0
 
 
 def test_traffic_accounting():

@@ -57,6 +57,8 @@ class Traffic(struct.PyTreeNode):
     received: jax.Array
     server_in: jax.Array
     server_out: jax.Array
+    dropped: jax.Array  # machines that missed this exchange
+    lost: jax.Array  # messages sent but not received
 
 
 def _normalise(src, dst, valid, sent, n) -> Mixing:
@@ -129,8 +131,10 @@ def round_mixing(
         alive = alive & active
     g_bytes, d_bytes = model_bytes
     zeros = jnp.zeros(n, jnp.float32)
+    none = jnp.zeros((), jnp.int32)
     if protocol == "standalone" or n == 1:
-        return identity(n), identity(n), Traffic(zeros, zeros, jnp.zeros(()), jnp.zeros(()))
+        return identity(n), identity(n), Traffic(zeros, zeros, none, none, none, none)
+    dropped = (~alive).sum()
     if protocol == "federated":
         mixing, uploaded, downloaded = federated_mixing(g_key, n, alive, faults)
         both = float(g_bytes + d_bytes)
@@ -139,6 +143,8 @@ def round_mixing(
             received=downloaded * both,
             server_in=uploaded.sum() * both,
             server_out=downloaded.sum() * both,
+            dropped=dropped,
+            lost=alive.sum() - uploaded.sum() + (alive & uploaded.any()).sum() - downloaded.sum(),
         )
         return mixing, mixing, traffic
     g_mix = gossip_mixing(g_key, n, alive, faults)
@@ -150,7 +156,8 @@ def round_mixing(
         return sent, jax.ops.segment_sum(arrived * float(nbytes), mix.dst, n)
 
     (gs, gr), (ds, dr) = per_machine(g_mix, g_bytes), per_machine(d_mix, d_bytes)
-    return g_mix, d_mix, Traffic(gs + ds, gr + dr, jnp.zeros(()), jnp.zeros(()))
+    lost = sum((m.sent & (m.weight == 0)).sum() for m in (g_mix, d_mix))
+    return g_mix, d_mix, Traffic(gs + ds, gr + dr, none, none, dropped, lost)
 
 
 def mix_dense(mixing: Mixing, tree: PyTree) -> PyTree:

@@ -69,6 +69,8 @@ def round_row(r: int, cfg: RunConfig, wall: float, info: RoundInfo, cum: dict) -
     row["bytes_sent_total"] = float(cum["sent"].sum())
     row["server_bytes_in"] = cum["server_in"]
     row["server_bytes_out"] = cum["server_out"]
+    row["machines_dropped"] = int(info.traffic.dropped)
+    row["messages_lost"] = int(info.traffic.lost)
     row["nonfinite_replicas"] = np.flatnonzero(~np.asarray(info.finite)).tolist()
     return row
 
