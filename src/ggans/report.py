@@ -1,0 +1,564 @@
+"""Figures and a table of final scores from run folders, without W&B.
+
+    python -m ggans.report outputs/sweeps/quick/scalability [more folders] [--out DIR]
+
+Every run folder below the given folders (one holding ``metrics.jsonl``; its
+``config.yaml`` and ``summary.json`` are read when present) is collected, and PNGs are
+drawn for whatever the runs cover (default folder: ``<first folder>/figures``):
+
+- ``fig2_scores.png``: MS and FID against iterations, one panel per N, one line per
+  protocol: the mean over machines, with a band of +- one std across machines (iid runs);
+- ``fig3_samples.png``: the final sample grid of each protocol at the largest N (iid);
+- ``fig4_final_scores.png``: box plots of the final per-machine MS and FID, per protocol
+  and N (iid);
+- ``fig5_non_iid.png``: MS and FID curves of the non-iid runs;
+- ``fig_bytes.png``: FID against the bytes sent, per machine and on the whole network
+  (the communication accounting), one panel per N;
+- ``fig_k.png``: final MS and FID against K, when the runs use several K;
+- ``results.md`` (and ``results.json``): final scores, mean and std across machines, per
+  split, N, K and protocol. Several seeds of one setting are pooled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ggans.records import read_jsonl
+
+PROTOCOL_ORDER = ("central", "standalone", "federated", "gossip", "gossip_ind")
+COLORS = {
+    "central": "black",
+    "standalone": "tab:red",
+    "federated": "tab:blue",
+    "gossip": "tab:green",
+    "gossip_ind": "tab:orange",
+}
+LINESTYLES = ("-", "--", ":", "-.")
+METRICS = (("ms", "MS (higher is better)"), ("fid", "FID (lower is better)"))
+
+
+@dataclass
+class Run:
+    """One run folder's settings, rows and summary."""
+
+    folder: Path
+    name: str
+    protocol: str
+    nodes: int
+    split: str
+    local_steps: int
+    iterations: int
+    seed: int
+    arch: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def competitor(self) -> str:
+        """The protocol, or ``central`` for N = 1 (where every protocol is the same)."""
+        return "central" if self.nodes == 1 else self.protocol
+
+    def final(self, metric: str) -> list[float]:
+        """The last evaluated per-machine values of ``metric`` (empty when never scored)."""
+        if self.summary and isinstance(self.summary.get("final", {}).get(metric), list):
+            return [float(v) for v in self.summary["final"][metric]]
+        for row in reversed(self.rows):
+            if isinstance(row.get(metric), list):
+                return [float(v) for v in row[metric]]
+        return []
+
+    def last(self, key: str, default: float = float("nan")) -> float:
+        for row in reversed(self.rows):
+            if isinstance(row.get(key), int | float):
+                return float(row[key])
+        return default
+
+    def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Iterations, mean and std across machines of ``metric`` on evaluation rows."""
+        rows = [r for r in self.rows if f"{metric}_mean" in r]
+        it = np.array([r["iteration"] for r in rows], float)
+        mean = np.array([r[f"{metric}_mean"] for r in rows], float)
+        std = np.array([r.get(f"{metric}_std", 0.0) for r in rows], float)
+        return it, mean, std
+
+
+def _load_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.yaml"
+    if not path.exists():
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except Exception:  # noqa: BLE001 - an unreadable config: fall back on the summary
+        return {}
+
+
+def load_run(folder: Path) -> Run:
+    """A run folder's record (settings from config.yaml, else summary.json)."""
+    cfg = _load_config(folder)
+    summary = None
+    if (folder / "summary.json").exists():
+        summary = json.loads((folder / "summary.json").read_text())
+    s = summary or {}
+    proto = cfg.get("protocol")
+    protocol = proto.get("name") if isinstance(proto, dict) else (proto or s.get("protocol"))
+    data = cfg.get("data") or {}
+    model = cfg.get("model") or {}
+    return Run(
+        folder=folder,
+        name=str(cfg.get("name") or s.get("name") or folder.name),
+        protocol=str(protocol or "unknown"),
+        nodes=int(cfg.get("nodes") or s.get("nodes") or 0),
+        split=str(data.get("split") or s.get("split") or "iid"),
+        local_steps=int(cfg.get("local_steps") or s.get("local_steps") or 0),
+        iterations=int(cfg.get("iterations") or s.get("iterations") or 0),
+        seed=int(cfg.get("seed", s.get("seed", 0)) or 0),
+        arch=str(model.get("arch") or "?"),
+        rows=read_jsonl(folder / "metrics.jsonl"),
+        summary=summary,
+    )
+
+
+def find_runs(roots: Iterable[str | Path]) -> list[Run]:
+    """Every run folder (one with metrics.jsonl) below ``roots``, sorted by name."""
+    folders: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if (root / "metrics.jsonl").exists():
+            folders.add(root.resolve())
+        folders.update(p.parent.resolve() for p in root.rglob("metrics.jsonl"))
+    runs = [load_run(f) for f in sorted(folders)]
+    return [r for r in runs if r.rows]
+
+
+# --- grouping -------------------------------------------------------------------------------
+
+
+def _order(competitor: str) -> int:
+    return PROTOCOL_ORDER.index(competitor) if competitor in PROTOCOL_ORDER else 99
+
+
+def series_key(run: Run, several_k: bool) -> tuple[str, int]:
+    return (run.competitor, run.local_steps if several_k else 0)
+
+
+def series_label(key: tuple[str, int]) -> str:
+    competitor, k = key
+    label = "central (N=1)" if competitor == "central" else competitor
+    return f"{label} K={k}" if k else label
+
+
+def _style(key: tuple[str, int], ks: list[int]) -> dict[str, Any]:
+    competitor, k = key
+    style = {"color": COLORS.get(competitor, "tab:purple")}
+    if k and k in ks:
+        style["linestyle"] = LINESTYLES[ks.index(k) % len(LINESTYLES)]
+    return style
+
+
+def group_runs(runs: list[Run]) -> dict[tuple, list[Run]]:
+    """Runs by (split, N, K, competitor): several seeds of one setting share a key."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.split, run.nodes, run.local_steps, run.competitor)].append(run)
+    return dict(groups)
+
+
+def pooled_curve(runs: list[Run], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds of the per-iteration mean and std across machines."""
+    curves = [r.curve(metric) for r in runs]
+    curves = [c for c in curves if len(c[0])]
+    if not curves:
+        return np.array([]), np.array([]), np.array([])
+    common = sorted(set.intersection(*(set(c[0].tolist()) for c in curves)))
+    it = np.array(common, float)
+    means = [np.interp(it, c[0], c[1]) for c in curves]
+    stds = [np.interp(it, c[0], c[2]) for c in curves]
+    return it, np.mean(means, axis=0), np.mean(stds, axis=0)
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(runs: list[Run]) -> tuple[dict[tuple[str, int], list[Run]], list[int], bool]:
+    ks = sorted({r.local_steps for r in runs if r.nodes > 1})
+    several_k = len(ks) > 1
+    by: dict[tuple[str, int], list[Run]] = defaultdict(list)
+    for run in runs:
+        by[series_key(run, several_k)].append(run)
+    ordered = dict(sorted(by.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])))
+    return ordered, ks, several_k
+
+
+def _by_nodes(runs: list[Run]) -> dict[int, list[Run]]:
+    out: dict[int, list[Run]] = defaultdict(list)
+    for run in runs:
+        out[run.nodes].append(run)
+    return dict(sorted(out.items()))
+
+
+def plot_curves(runs: list[Run], path: Path, title: str) -> Path | None:
+    """MS and FID against iterations: one column per N, one line per protocol, +-std band."""
+    scored = [r for r in runs if r.curve("fid")[0].size]
+    if not scored:
+        return None
+    plt = _plt()
+    nodes = _by_nodes(scored)
+    fig, axes = plt.subplots(
+        2, len(nodes), figsize=(4.2 * len(nodes), 6.4), squeeze=False, sharex="col"
+    )
+    for col, (n, group) in enumerate(nodes.items()):
+        series, ks, _ = _series(group)
+        for key, members in series.items():
+            for row, (metric, ylabel) in enumerate(METRICS):
+                it, mean, std = pooled_curve(members, metric)
+                if not it.size:
+                    continue
+                ax = axes[row, col]
+                style = _style(key, ks)
+                ax.plot(it, mean, label=series_label(key), marker=".", **style)
+                ax.fill_between(it, mean - std, mean + std, alpha=0.15, color=style["color"])
+                if col == 0:
+                    ax.set_ylabel(ylabel)
+        axes[0, col].set_title(f"N = {n}")
+        axes[1, col].set_xlabel("iterations")
+        axes[1, col].set_yscale("log")
+        axes[0, col].legend(fontsize=7)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(runs: list[Run], path: Path, title: str) -> Path | None:
+    """The final sample grid of each protocol at the largest N."""
+    with_grid = [r for r in runs if (r.folder / "samples" / "final.png").exists()]
+    if not with_grid:
+        return None
+    largest = max(r.nodes for r in with_grid)
+    series, _, _ = _series([r for r in with_grid if r.nodes == largest])
+    plt = _plt()
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 4.2), squeeze=False)
+    for ax, (key, members) in zip(axes[0], series.items(), strict=True):
+        run = sorted(members, key=lambda r: r.seed)[0]
+        ax.imshow(np.asarray(Image.open(run.folder / "samples" / "final.png")), cmap="gray")
+        ax.set_title(f"{series_label(key)}\nN = {largest}, {run.iterations:,} it.", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{title}: final samples (one row per machine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_boxes(runs: list[Run], path: Path, title: str) -> Path | None:
+    """Box plots of the final per-machine MS and FID, per protocol (boxes) and N (panels)."""
+    scored = [r for r in runs if r.final("fid")]
+    if not scored:
+        return None
+    plt = _plt()
+    nodes = _by_nodes(scored)
+    fig, axes = plt.subplots(
+        2, len(nodes), figsize=(3.8 * len(nodes), 6.4), squeeze=False, sharey="row"
+    )
+    for col, (n, group) in enumerate(nodes.items()):
+        series, ks, _ = _series(group)
+        labels = [series_label(k) for k in series]
+        for row, (metric, ylabel) in enumerate(METRICS):
+            ax = axes[row, col]
+            data = [sum((r.final(metric) for r in members), []) for members in series.values()]
+            box = ax.boxplot(data, patch_artist=True, widths=0.6)
+            for patch, key in zip(box["boxes"], series, strict=True):
+                patch.set_facecolor(_style(key, ks)["color"])
+                patch.set_alpha(0.5)
+            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, fontsize=8)
+            ax.grid(alpha=0.3, axis="y")
+            if col == 0:
+                ax.set_ylabel(ylabel)
+        axes[0, col].set_title(f"N = {n}")
+    axes[1, 0].set_yscale("log")
+    fig.suptitle(f"{title}: final scores of every machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bytes_curve(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for run in runs:
+        rows = [r for r in run.rows if "fid_mean" in r]
+        if key == "network":
+            x = [r.get("bytes_sent_total", 0.0) + r.get("server_bytes_out", 0.0) for r in rows]
+        else:
+            x = [r.get("bytes_sent_mean", 0.0) for r in rows]
+        xs.append(np.array(x, float))
+        ys.append(np.array([r["fid_mean"] for r in rows], float))
+    n = min(len(x) for x in xs)
+    return np.mean([x[:n] for x in xs], axis=0), np.mean([y[:n] for y in ys], axis=0)
+
+
+def plot_bytes(runs: list[Run], path: Path, title: str) -> Path | None:
+    """FID against cumulative bytes sent per machine and on the whole network, per N."""
+    scored = [r for r in runs if r.curve("fid")[0].size and r.nodes > 1]
+    if not scored:
+        return None
+    plt = _plt()
+    nodes = _by_nodes(scored)
+    fig, axes = plt.subplots(2, len(nodes), figsize=(4.2 * len(nodes), 6.4), squeeze=False)
+    xlabels = (
+        "MB sent per machine (mean)",
+        "MB on the network (machines + server)",
+    )
+    for col, (n, group) in enumerate(nodes.items()):
+        series, ks, _ = _series(group)
+        for key, members in series.items():
+            for row, which in enumerate(("machine", "network")):
+                x, y = _bytes_curve(members, which)
+                if not x.size:
+                    continue
+                ax = axes[row, col]
+                if not x.any():  # no traffic (standalone): its final FID as a reference
+                    ax.axhline(
+                        y[-1],
+                        ls="--",
+                        lw=1,
+                        label=f"{series_label(key)} (final, no traffic)",
+                        color=_style(key, ks)["color"],
+                    )
+                    continue
+                ax.plot(x / 1e6, y, marker=".", label=series_label(key), **_style(key, ks))
+        for row in range(2):
+            axes[row, col].set_xlabel(xlabels[row])
+            axes[row, col].set_yscale("log")
+            axes[row, col].grid(alpha=0.3)
+            if col == 0:
+                axes[row, col].set_ylabel("FID")
+        axes[0, col].set_title(f"N = {n}")
+        axes[0, col].legend(fontsize=7)
+    fig.suptitle(f"{title}: quality against communication (standalone sends nothing)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_k(runs: list[Run], path: Path, title: str) -> Path | None:
+    """Final MS and FID (mean +- std across machines) against K, per protocol and N."""
+    scored = [r for r in runs if r.final("fid") and r.nodes > 1]
+    nodes = {
+        n: group
+        for n, group in _by_nodes(scored).items()
+        if len({r.local_steps for r in group}) > 1
+    }
+    if not nodes:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(nodes), figsize=(4.2 * len(nodes), 6.4), squeeze=False)
+    for col, (n, group) in enumerate(nodes.items()):
+        by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for metric_row, (metric, ylabel) in enumerate(METRICS):
+            by.clear()
+            for run in group:
+                by[run.competitor][run.local_steps] += run.final(metric)
+            ax = axes[metric_row, col]
+            for competitor in sorted(by, key=_order):
+                ks = sorted(by[competitor])
+                mean = [np.mean(by[competitor][k]) for k in ks]
+                std = [np.std(by[competitor][k]) for k in ks]
+                ax.errorbar(
+                    ks,
+                    mean,
+                    yerr=std,
+                    marker="o",
+                    capsize=3,
+                    label=competitor,
+                    color=COLORS.get(competitor, "tab:purple"),
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("K, local iterations per round")
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(ylabel)
+        axes[0, col].set_title(f"N = {n}")
+        axes[0, col].legend(fontsize=7)
+    fig.suptitle(f"{title}: final scores against K")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- table ----------------------------------------------------------------------------------
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values))
+
+
+def results(runs: list[Run]) -> list[dict[str, Any]]:
+    """One record per (split, N, K, competitor): final scores pooled over machines and seeds."""
+    out = []
+    groups = group_runs(runs)
+    for (split, n, k, competitor), members in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], _order(kv[0][3]))
+    ):
+        ms = sum((r.final("ms") for r in members), [])
+        fid = sum((r.final("fid") for r in members), [])
+        per_run_best = [min(r.final("fid")) for r in members if r.final("fid")]
+        out.append(
+            {
+                "split": split,
+                "nodes": n,
+                "local_steps": k,
+                "protocol": competitor,
+                "iterations": members[0].iterations,
+                "runs": len(members),
+                "finished": sum(r.finished for r in members),
+                "seeds": sorted({r.seed for r in members}),
+                "ms_mean": _ms(ms)[0],
+                "ms_std": _ms(ms)[1],
+                "fid_mean": _ms(fid)[0],
+                "fid_std": _ms(fid)[1],
+                "fid_best": float(np.mean(per_run_best)) if per_run_best else float("nan"),
+                "mb_sent_per_machine": float(
+                    np.mean([r.last("bytes_sent_mean", 0.0) for r in members]) / 1e6
+                ),
+                "mb_server": float(
+                    np.mean(
+                        [
+                            r.last("server_bytes_in", 0.0) + r.last("server_bytes_out", 0.0)
+                            for r in members
+                        ]
+                    )
+                    / 1e6
+                ),
+                "wall_time_s": float(np.mean([r.last("wall_time", 0.0) for r in members])),
+            }
+        )
+    return out
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """The final scores as a markdown table (mean +- std across machines)."""
+    head = (
+        "| split | N | K | protocol | I | runs | MS (mean ± std) | FID (mean ± std) "
+        "| best machine's FID | MB sent / machine | MB via server | wall (s) |\n"
+        "| --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |\n"
+    )
+    lines = []
+    for r in records:
+        runs = f"{r['finished']}/{r['runs']}" if r["finished"] < r["runs"] else str(r["runs"])
+        lines.append(
+            f"| {r['split']} | {r['nodes']} | {r['local_steps']} | {r['protocol']} "
+            f"| {r['iterations']:,} | {runs} "
+            f"| {_fmt(r['ms_mean'])} ± {_fmt(r['ms_std'], 2)} "
+            f"| {_fmt(r['fid_mean'])} ± {_fmt(r['fid_std'], 2)} | {_fmt(r['fid_best'])} "
+            f"| {_fmt(r['mb_sent_per_machine'])} | {_fmt(r['mb_server'])} "
+            f"| {r['wall_time_s']:.0f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def report(
+    roots: Iterable[str | Path], out: str | Path | None = None, title: str | None = None
+) -> dict[str, Path]:
+    """Draw every figure the runs below ``roots`` allow, and the table; return the files."""
+    roots = [Path(r) for r in roots]
+    runs = find_runs(roots)
+    if not runs:
+        raise FileNotFoundError(f"no run folders (with metrics.jsonl) under {roots}")
+    out = Path(out) if out else roots[0] / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    title = title or ", ".join(r.name for r in roots)
+    iid = [r for r in runs if r.split == "iid"]
+    non_iid = [r for r in runs if r.split != "iid"]
+    drawn: dict[str, Path | None] = {
+        "fig2": plot_curves(iid, out / "fig2_scores.png", f"{title} (iid)"),
+        "fig3": plot_samples(iid, out / "fig3_samples.png", f"{title} (iid)"),
+        "fig4": plot_boxes(iid, out / "fig4_final_scores.png", f"{title} (iid)"),
+        "fig5": plot_curves(non_iid, out / "fig5_non_iid.png", f"{title} (non-iid)"),
+        "bytes": plot_bytes(iid or non_iid, out / "fig_bytes.png", title),
+        "k": plot_k(runs, out / "fig_k.png", title),
+    }
+    if non_iid and not iid:  # a non-iid sweep alone: its box plots and samples too
+        drawn["fig4"] = plot_boxes(non_iid, out / "fig4_final_scores.png", f"{title} (non-iid)")
+        drawn["fig3"] = plot_samples(non_iid, out / "fig3_samples.png", f"{title} (non-iid)")
+    records = results(runs)
+    table = markdown_table(records)
+    (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    figures = {k: v for k, v in drawn.items() if v is not None}
+    lines = [f"# {title}\n", f"{len(runs)} runs from {', '.join(map(str, roots))}.\n"]
+    lines.append(
+        "Final scores: mean ± std across machines (and seeds); MS higher is better, FID lower. "
+        "`central (N=1)` is one machine with all the data.\n"
+    )
+    lines.append(table)
+    lines += [f"![{k}]({v.name})\n" for k, v in figures.items()]
+    (out / "results.md").write_text(table)
+    (out / "report.md").write_text("\n".join(lines))
+    files = dict(figures)
+    files.update(table=out / "results.md", json=out / "results.json", report=out / "report.md")
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ggans.report",
+        description="Figures 2-5, quality against bytes, and a table of final scores "
+        "from run folders (metrics.jsonl, summary.json), without W&B.",
+    )
+    parser.add_argument("folders", nargs="+", help="sweep output folders (searched recursively)")
+    parser.add_argument("--out", help="where to write (default: <first folder>/figures)")
+    parser.add_argument("--title", help="figure title (default: the folder names)")
+    args = parser.parse_args(argv)
+    try:
+        files = report(args.folders, args.out, args.title)
+    except FileNotFoundError as err:
+        print(f"ggans.report: error: {err}", file=sys.stderr)
+        return 2
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

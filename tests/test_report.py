@@ -1,0 +1,105 @@
+"""``python -m ggans.report``: every figure and the table from a tiny two-protocol sweep."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+from ggans.config import DataConfig, EvalConfig, RunConfig
+from ggans.gan import GanSpec
+from ggans.report import find_runs, main, report
+
+FIGURES = (
+    "fig2_scores.png",
+    "fig3_samples.png",
+    "fig4_final_scores.png",
+    "fig5_non_iid.png",
+    "fig_bytes.png",
+    "fig_k.png",
+)
+
+
+def _save_config(folder, protocol, split, k):
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "nodes": 2,
+                "protocol": {"name": protocol},
+                "local_steps": k,
+                "iterations": 4,
+                "seed": 0,
+                "name": folder.name,
+                "data": {"split": split, "fraction": 0.01},
+                "model": {"arch": "tiny"},
+            }
+        ),
+        folder / "config.yaml",
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(mnist_dir, mnist, tmp_path_factory):
+    """standalone and federated at N = 2, K = 2, iid: two real tiny runs.
+
+    To reach every figure without more compiles, each run folder is also copied and
+    relabelled as a non-iid run and as a K = 4 run (the report reads only the folders).
+    """
+    from ggans.run import run
+
+    root = tmp_path_factory.mktemp("sweep")
+    for protocol in ("standalone", "federated"):
+        cfg = RunConfig(
+            nodes=2,
+            protocol=protocol,
+            local_steps=2,
+            iterations=4,
+            model=GanSpec(arch="tiny", noise_dim=32),
+            data=DataConfig(dir=str(mnist_dir), fraction=0.01),
+            eval=EvalConfig(every=1, samples=16, grid_replicas=2),
+            name=f"{protocol}-N2-K2-iid-s0",
+        )
+        out = root / cfg.name
+        run(cfg, out, progress=False, mnist=mnist)
+        _save_config(out, protocol, "iid", 2)
+        for split, k in (("non_iid", 2), ("iid", 4)):
+            copy = root / f"{protocol}-N2-K{k}-{split}-s0"
+            shutil.copytree(out, copy)
+            _save_config(copy, protocol, split, k)
+    return root
+
+
+def test_report_draws_every_figure_and_the_table(tiny_sweep, tmp_path):
+    runs = find_runs([tiny_sweep])
+    assert len(runs) == 6 and all(r.finished for r in runs)
+    assert {r.split for r in runs} == {"iid", "non_iid"}
+    out = tmp_path / "figures"
+    files = report([tiny_sweep], out, title="tiny")
+    for name in FIGURES:
+        path = out / name
+        assert path.exists() and path.stat().st_size > 5000, name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name for p in files.values()} >= set(FIGURES)
+    table = (out / "results.md").read_text()
+    assert table.startswith("| split | N | K | protocol")
+    assert table.count("| standalone |") == 3 and table.count("| federated |") == 3
+    records = json.loads((out / "results.json").read_text())
+    fed = [r for r in records if r["protocol"] == "federated" and r["split"] == "iid"]
+    assert len(fed) == 2 and all(r["ms_mean"] >= 1.0 for r in fed)
+    assert all(r["mb_sent_per_machine"] > 0 for r in fed)
+    assert all(r["mb_sent_per_machine"] == 0 for r in records if r["protocol"] == "standalone")
+    assert "![fig2](fig2_scores.png)" in (out / "report.md").read_text()
+
+
+def test_report_command(tiny_sweep, capsys):
+    assert main([str(tiny_sweep / "standalone-N2-K2-iid-s0")]) == 0
+    printed = capsys.readouterr().out
+    assert "fig2:" in printed and "table:" in printed
+    assert (tiny_sweep / "standalone-N2-K2-iid-s0" / "figures" / "results.md").exists()
+
+
+def test_report_without_runs_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no run folders" in capsys.readouterr().err
