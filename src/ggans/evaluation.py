@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
 
 from ggans.gan import GanSpec, GanState, generate
 from ggans.metrics import RealStats, real_stats, score_population
@@ -50,6 +49,8 @@ def sample_population(
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     """A PNG grid: one row per machine, ``columns`` samples each (images in [-1, 1])."""
+    from PIL import Image
+
     rows = images[:, :columns, :, :, 0]
     pixels = np.clip((rows + 1.0) * 127.5, 0, 255).astype(np.uint8)
     r, c = pixels.shape[:2]
