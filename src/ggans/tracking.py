@@ -84,7 +84,7 @@ def _online_problem(wandb) -> str | None:
     """Why online mode cannot work here (no API key, no route to the server), or None."""
     try:
         if not wandb.login(prompt=False, verify=False):
-            return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+            return "no API key (set WANDB_API_KEY or run `wandb login`)"
     except Exception as err:  # noqa: BLE001 - any failure means: go offline
         return f"W&B login failed ({err})"
     base = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
