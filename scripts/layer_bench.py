@@ -25,7 +25,7 @@ from ggans import layers as fast
 B, ZDIM = 32, 128
 
 
-def timeit(fn, *args, repeats=5, min_time=0.2):
+def timeit(fn, *args, repeats=5, min_time=0.3):
     out = fn(*args)
     jax.block_until_ready(out)
     best = float("inf")
@@ -175,8 +175,11 @@ def wgangp_d_loss(d, dp, real, fake, eps):
     return jnp.mean(logits_fake) - jnp.mean(logits_real) + gp
 
 
-def bench_models(n, repeats):
-    print(f"\n## whole models, batch {B}, ms")
+SCAN_STEPS = 3
+
+
+def bench_models(n, repeats, fns_filter=None):
+    print(f"\n## whole models, batch {B}, ms (compile s in brackets for the steps)")
     print(f"| function | flax x1 | fast x1 | flax vmap N={n} | fast vmap N={n} |")
     print("|---|---|---|---|---|")
     key = jax.random.key(0)
@@ -220,6 +223,18 @@ def bench_models(n, repeats):
                 fake = jax.lax.stop_gradient(g_fwd(gv, z))
                 return d_gp_grad(dp, real, fake, eps), g_step_grad(gv, dp, z)
 
+            def scan_steps(gv, dp, z, real, eps, full_step=full_step):
+                """SCAN_STEPS plain-SGD WGAN-GP steps in a lax.scan (as a training round)."""
+
+                def body(carry, i):
+                    gv, dp = carry
+                    gd, gg = full_step(gv, dp, z + 0.01 * i, real, eps)
+                    dp = jax.tree.map(lambda p, q: p - 1e-4 * q, dp, gd)
+                    gv = {**gv, "params": jax.tree.map(lambda p, q: p - 1e-3 * q, gv["params"], gg)}
+                    return (gv, dp), None
+
+                return jax.lax.scan(body, (gv, dp), jnp.arange(SCAN_STEPS, dtype=z.dtype))[0]
+
             fake = g_fwd(gv, z)
             fns = [
                 ("D fwd", d_fwd, (dp, real)),
@@ -227,15 +242,30 @@ def bench_models(n, repeats):
                 ("G fwd+bwd (alone)", g_fwd_bwd, (gv, z)),
                 ("D WGAN-GP grad", d_gp_grad, (dp, real, fake, eps)),
                 ("G-step grad (through D)", g_step_grad, (gv, dp, z)),
-                ("full WGAN-GP step grads", full_step, (gv, dp, z, real, eps)),
+                ("WGAN-GP step grads (D+G)", full_step, (gv, dp, z, real, eps)),
+                (
+                    f"per step of {SCAN_STEPS} SGD steps in lax.scan",
+                    scan_steps,
+                    (gv, dp, z, real, eps),
+                ),
             ]
             for name, f, args in fns:
+                if fns_filter and not any(w in name for w in fns_filter):
+                    continue
                 if nv > 1:
                     args = jax.tree.map(lambda a, nv=nv: jnp.stack([a] * nv), args)
                     f = jax.vmap(f)
-                results.setdefault(name, []).append(timeit(jax.jit(f), *args, repeats=repeats))
+                t0 = time.perf_counter()
+                fj = jax.jit(f).lower(*args).compile()
+                tc = time.perf_counter() - t0
+                t = timeit(fj, *args, repeats=repeats)
+                if "scan" in name:
+                    t /= SCAN_STEPS
+                cell = f"{t:.1f}" + (f" [{tc:.0f}s]" if "step" in name else "")
+                results.setdefault(name, []).append(cell)
+                print(f"  {name} impl={impl} n={nv}: {cell}", flush=True)
     for name, row in results.items():
-        print(f"| {name} | " + " | ".join(f"{t:.2f}" for t in row) + " |")
+        print(f"| {name} | " + " | ".join(row) + " |")
 
 
 def main():
@@ -243,6 +273,7 @@ def main():
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", choices=["layers", "other", "models"], default=None)
+    ap.add_argument("--fns", nargs="*", help="model functions to run (substrings of names)")
     a = ap.parse_args()
     print(jax.devices(), jax.__version__)
     if a.only in (None, "layers"):
@@ -250,7 +281,7 @@ def main():
     if a.only in (None, "other"):
         bench_other_layers(a.n, a.repeats)
     if a.only in (None, "models"):
-        bench_models(a.n, a.repeats)
+        bench_models(a.n, a.repeats, a.fns)
 
 
 if __name__ == "__main__":

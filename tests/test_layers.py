@@ -183,6 +183,20 @@ def test_vmap_over_stacked_params(name, kind, shape, kw):
             _assert_close(f_ref(P, X2), f_new(P, X2), 1e-11, "nested vmap")
 
 
+def test_vmap_unrolled_replicas(monkeypatch):
+    """The unrolled per-replica path (``UNROLL_MAX`` >= N) computes the same as the loop."""
+    name, kind, shape, kw = GAN_SMALL[2]
+    with jax.enable_x64(True):
+        setups = [_setup(kind, shape, kw, batch=2, dtype=jnp.float64, seed=s) for s in range(3)]
+        new = setups[0][1]
+        P = _stack([s[2] for s in setups])
+        X = jnp.stack([s[3] for s in setups]).astype(jnp.float64)
+        looped = jax.vmap(_second_order(new))(P, X)
+        monkeypatch.setattr(layers, "UNROLL_MAX", 8)
+        unrolled = jax.vmap(_second_order(new))(P, X)
+        _assert_close(looped, unrolled, 1e-13, "unrolled")
+
+
 def test_batch_dims_like_flax():
     for kind, shape, kw in [(c[1], c[2], c[3]) for c in (GAN_CASES[1], GAN_CASES[2])]:
         ref, new, params, x = _setup(kind, shape, kw, batch=2)

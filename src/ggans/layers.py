@@ -28,7 +28,12 @@ transposes of it). ``ConvTranspose`` is ``convt_p`` with the kernel flipped and 
 swapped. Under ``jax.vmap`` the batching rules never emit a grouped convolution: a batched
 activation with shared weights is folded into the batch axis, a shared activation with batched
 weights into the channel axis, and when both are batched (stacked replicas) the replicas run
-as N ordinary convolutions (unrolled, or a ``lax.map`` for large N; see ``UNROLL_MAX``).
+as N ordinary convolutions in a ``lax.map`` (or unrolled; see ``UNROLL_MAX``).
+
+The lowerings spell out the layouts XLA's CPU backend runs fast (its YNNPACK convolutions):
+XLA only rewrites the kernel-gradient convolution that autodiff emits into such a form at the
+top level of a program, not inside a loop body (``lax.scan``/``fori_loop``/``lax.map``), where it
+is 30-50x slower; the forms here are fast in both places.
 """
 
 from __future__ import annotations
@@ -61,9 +66,11 @@ __all__ = [
 
 default_kernel_init = initializers.lecun_normal()
 
-#: Under vmap with both operands batched (stacked replicas), batch sizes up to this are unrolled
-#: into N independent convolutions in the HLO; larger ones run through ``lax.map``.
-UNROLL_MAX = 32
+#: Under vmap with both operands batched (stacked replicas), the N per-replica convolutions are
+#: unrolled in the HLO when N <= UNROLL_MAX, else run one after another in a ``lax.map``. The
+#: loop measured as fast or faster per layer (N = 10: 0.6-0.9x the time; intermediates are
+#: reused, outputs written in place, no oversubscription) and halves compile time.
+UNROLL_MAX = 1
 
 
 # ----------------------------------------------------------------------------- helpers
