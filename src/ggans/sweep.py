@@ -187,6 +187,8 @@ def jobs(sweep: Sweep, quick: bool, out: str | Path, extra: list[str] = ()) -> l
                 seed=run_cfg.seed,
                 local_steps=run_cfg.local_steps,
                 iterations=run_cfg.iterations,
+                node_drop=run_cfg.faults.node_drop,
+                message_loss=run_cfg.faults.message_loss,
             )
         if name in names:
             raise GGansError(f"{sweep.path}: two jobs are named {name}; set run_name")
