@@ -4,9 +4,9 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
-from test_cli import ggans
 
 from ggans.cli import config_dir
+from test_cli import ggans
 
 
 def test_slurm_launcher_composes():

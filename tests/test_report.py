@@ -19,10 +19,11 @@ FIGURES = (
     "fig5_non_iid.png",
     "fig_bytes.png",
     "fig_k.png",
+    "fig_faults.png",
 )
 
 
-def _save_config(folder, protocol, split, k):
+def _save_config(folder, protocol, split, k, node_drop=0.0, message_loss=0.0):
     OmegaConf.save(
         OmegaConf.create(
             {
@@ -34,6 +35,7 @@ def _save_config(folder, protocol, split, k):
                 "name": folder.name,
                 "data": {"split": split, "fraction": 0.01},
                 "model": {"arch": "tiny"},
+                "faults": {"node_drop": node_drop, "message_loss": message_loss},
             }
         ),
         folder / "config.yaml",
@@ -45,7 +47,8 @@ def tiny_sweep(mnist_dir, mnist, tmp_path_factory):
     """standalone and federated at N = 2, K = 2, iid: two real tiny runs.
 
     To reach every figure without more compiles, each run folder is also copied and
-    relabelled as a non-iid run and as a K = 4 run (the report reads only the folders).
+    relabelled as a non-iid run and as a K = 4 run, and the federated one as runs with
+    node drops and with message loss (the report reads only the folders).
     """
     from ggans.run import run
 
@@ -68,12 +71,20 @@ def tiny_sweep(mnist_dir, mnist, tmp_path_factory):
             copy = root / f"{protocol}-N2-K{k}-{split}-s0"
             shutil.copytree(out, copy)
             _save_config(copy, protocol, split, k)
+    for drop, loss in ((0.3, 0.0), (0.0, 0.5)):
+        copy = root / f"federated-N2-K2-iid-drop{drop}-loss{loss}-s0"
+        shutil.copytree(root / "federated-N2-K2-iid-s0", copy)
+        _save_config(copy, "federated", "iid", 2, node_drop=drop, message_loss=loss)
     return root
 
 
 def test_report_draws_every_figure_and_the_table(tiny_sweep, tmp_path):
     runs = find_runs([tiny_sweep])
-    assert len(runs) == 6 and all(r.finished for r in runs)
+    assert len(runs) == 8 and all(r.finished for r in runs)
+    assert sorted((r.node_drop, r.message_loss) for r in runs if r.faulty) == [
+        (0.0, 0.5),
+        (0.3, 0.0),
+    ]
     assert {r.split for r in runs} == {"iid", "non_iid"}
     out = tmp_path / "figures"
     files = report([tiny_sweep], out, title="tiny")
@@ -83,11 +94,12 @@ def test_report_draws_every_figure_and_the_table(tiny_sweep, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in files.values()} >= set(FIGURES)
     table = (out / "results.md").read_text()
-    assert table.startswith("| split | N | K | protocol")
-    assert table.count("| standalone |") == 3 and table.count("| federated |") == 3
+    assert table.startswith("| split | N | K | protocol | node drop | message loss |")
+    assert table.count("| standalone |") == 3 and table.count("| federated |") == 5
+    assert "| federated | 0.3 | 0 |" in table and "| federated | 0 | 0.5 |" in table
     records = json.loads((out / "results.json").read_text())
     fed = [r for r in records if r["protocol"] == "federated" and r["split"] == "iid"]
-    assert len(fed) == 2 and all(r["ms_mean"] >= 1.0 for r in fed)
+    assert len(fed) == 4 and all(r["ms_mean"] >= 1.0 for r in fed)
     assert all(r["mb_sent_per_machine"] > 0 for r in fed)
     assert all(r["mb_sent_per_machine"] == 0 for r in records if r["protocol"] == "standalone")
     assert "![fig2](fig2_scores.png)" in (out / "report.md").read_text()

@@ -15,6 +15,8 @@ drawn for whatever the runs cover (default folder: ``<first folder>/figures``):
 - ``fig_bytes.png``: FID against the bytes sent, per machine and on the whole network
   (the communication accounting), one panel per N;
 - ``fig_k.png``: final MS and FID against K, when the runs use several K;
+- ``fig_faults.png``: final MS and FID against the node-drop and message-loss rates, when
+  some runs have faults (figures 2 to 5 then use the fault-free runs only);
 - ``results.md`` (and ``results.json``): final scores, mean and std across machines, per
   split, N, K and protocol. Several seeds of one setting are pooled.
 """
@@ -60,12 +62,18 @@ class Run:
     iterations: int
     seed: int
     arch: str
+    node_drop: float = 0.0
+    message_loss: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
         return self.summary is not None
+
+    @property
+    def faulty(self) -> bool:
+        return self.node_drop > 0 or self.message_loss > 0
 
     @property
     def competitor(self) -> str:
@@ -119,6 +127,7 @@ def load_run(folder: Path) -> Run:
     protocol = proto.get("name") if isinstance(proto, dict) else (proto or s.get("protocol"))
     data = cfg.get("data") or {}
     model = cfg.get("model") or {}
+    faults = cfg.get("faults") or {}
     return Run(
         folder=folder,
         name=str(cfg.get("name") or s.get("name") or folder.name),
@@ -129,6 +138,8 @@ def load_run(folder: Path) -> Run:
         iterations=int(cfg.get("iterations") or s.get("iterations") or 0),
         seed=int(cfg.get("seed", s.get("seed", 0)) or 0),
         arch=str(model.get("arch") or "?"),
+        node_drop=float(faults.get("node_drop") or 0.0),
+        message_loss=float(faults.get("message_loss") or 0.0),
         rows=read_jsonl(folder / "metrics.jsonl"),
         summary=summary,
     )
@@ -172,10 +183,11 @@ def _style(key: tuple[str, int], ks: list[int]) -> dict[str, Any]:
 
 
 def group_runs(runs: list[Run]) -> dict[tuple, list[Run]]:
-    """Runs by (split, N, K, competitor): several seeds of one setting share a key."""
+    """Runs by (split, N, K, competitor, faults): several seeds of one setting share a key."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        groups[(run.split, run.nodes, run.local_steps, run.competitor)].append(run)
+        key = (run.split, run.nodes, run.local_steps, run.competitor)
+        groups[(*key, run.node_drop, run.message_loss)].append(run)
     return dict(groups)
 
 
@@ -418,6 +430,49 @@ def plot_k(runs: list[Run], path: Path, title: str) -> Path | None:
     return path
 
 
+def plot_faults(runs: list[Run], path: Path, title: str) -> Path | None:
+    """Final MS and FID (mean +- std across machines) against the fault rates, per protocol.
+
+    One column per kind of fault; fault-free runs are the rate-0 point of both.
+    """
+    scored = [r for r in runs if r.final("fid") and r.nodes > 1]
+    if not any(r.faulty for r in scored):
+        return None
+    kinds = (("node_drop", "node-drop rate"), ("message_loss", "message-loss rate"))
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(8.4, 6.4), squeeze=False, sharey="row")
+    for col, (kind, xlabel) in enumerate(kinds):
+        other = kinds[1 - col][0]
+        group = [r for r in scored if getattr(r, other) == 0]
+        for row, (metric, ylabel) in enumerate(METRICS):
+            by: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+            for run in group:
+                by[run.competitor][getattr(run, kind)] += run.final(metric)
+            ax = axes[row, col]
+            for competitor in sorted(by, key=_order):
+                rates = sorted(by[competitor])
+                ax.errorbar(
+                    rates,
+                    [np.mean(by[competitor][x]) for x in rates],
+                    yerr=[np.std(by[competitor][x]) for x in rates],
+                    marker="o",
+                    capsize=3,
+                    label=competitor,
+                    color=COLORS.get(competitor, "tab:purple"),
+                )
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(ylabel)
+        axes[0, col].legend(fontsize=7)
+    nodes = sorted({r.nodes for r in scored})
+    fig.suptitle(f"{title}: final scores under faults (N = {', '.join(map(str, nodes))})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --- table ----------------------------------------------------------------------------------
 
 
@@ -431,8 +486,9 @@ def results(runs: list[Run]) -> list[dict[str, Any]]:
     """One record per (split, N, K, competitor): final scores pooled over machines and seeds."""
     out = []
     groups = group_runs(runs)
-    for (split, n, k, competitor), members in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], _order(kv[0][3]))
+    for (split, n, k, competitor, drop, loss), members in sorted(
+        groups.items(),
+        key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], _order(kv[0][3]), kv[0][4], kv[0][5]),
     ):
         ms = sum((r.final("ms") for r in members), [])
         fid = sum((r.final("fid") for r in members), [])
@@ -443,6 +499,8 @@ def results(runs: list[Run]) -> list[dict[str, Any]]:
                 "nodes": n,
                 "local_steps": k,
                 "protocol": competitor,
+                "node_drop": drop,
+                "message_loss": loss,
                 "iterations": members[0].iterations,
                 "runs": len(members),
                 "finished": sum(r.finished for r in members),
@@ -475,17 +533,26 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
-    """The final scores as a markdown table (mean +- std across machines)."""
+    """The final scores as a markdown table (mean +- std across machines).
+
+    Node-drop and message-loss columns appear when some run has faults.
+    """
+    faulty = any(r.get("node_drop") or r.get("message_loss") for r in records)
     head = (
-        "| split | N | K | protocol | I | runs | MS (mean ± std) | FID (mean ± std) "
+        "| split | N | K | protocol | "
+        + ("node drop | message loss | " if faulty else "")
+        + "I | runs | MS (mean ± std) | FID (mean ± std) "
         "| best machine's FID | MB sent / machine | MB via server | wall (s) |\n"
-        "| --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |\n"
+        "| --- | ---: | ---: | --- | "
+        + ("---: | ---: | " if faulty else "")
+        + "---: | ---: | --- | --- | ---: | ---: | ---: | ---: |\n"
     )
     lines = []
     for r in records:
         runs = f"{r['finished']}/{r['runs']}" if r["finished"] < r["runs"] else str(r["runs"])
+        faults = f"| {r['node_drop']:g} | {r['message_loss']:g} " if faulty else ""
         lines.append(
-            f"| {r['split']} | {r['nodes']} | {r['local_steps']} | {r['protocol']} "
+            f"| {r['split']} | {r['nodes']} | {r['local_steps']} | {r['protocol']} {faults}"
             f"| {r['iterations']:,} | {runs} "
             f"| {_fmt(r['ms_mean'])} ± {_fmt(r['ms_std'], 2)} "
             f"| {_fmt(r['fid_mean'])} ± {_fmt(r['fid_std'], 2)} | {_fmt(r['fid_best'])} "
@@ -509,15 +576,17 @@ def report(
     out = Path(out) if out else roots[0] / "figures"
     out.mkdir(parents=True, exist_ok=True)
     title = title or ", ".join(r.name for r in roots)
-    iid = [r for r in runs if r.split == "iid"]
-    non_iid = [r for r in runs if r.split != "iid"]
+    clean = [r for r in runs if not r.faulty]  # the faults figure alone shows faulty runs
+    iid = [r for r in clean if r.split == "iid"]
+    non_iid = [r for r in clean if r.split != "iid"]
     drawn: dict[str, Path | None] = {
         "fig2": plot_curves(iid, out / "fig2_scores.png", f"{title} (iid)"),
         "fig3": plot_samples(iid, out / "fig3_samples.png", f"{title} (iid)"),
         "fig4": plot_boxes(iid, out / "fig4_final_scores.png", f"{title} (iid)"),
         "fig5": plot_curves(non_iid, out / "fig5_non_iid.png", f"{title} (non-iid)"),
         "bytes": plot_bytes(iid or non_iid, out / "fig_bytes.png", title),
-        "k": plot_k(runs, out / "fig_k.png", title),
+        "k": plot_k(clean, out / "fig_k.png", title),
+        "faults": plot_faults(runs, out / "fig_faults.png", title),
     }
     if non_iid and not iid:  # a non-iid sweep alone: its box plots and samples too
         drawn["fig4"] = plot_boxes(non_iid, out / "fig4_final_scores.png", f"{title} (non-iid)")
