@@ -112,3 +112,14 @@ def test_fraction_and_padding():
     for row, size, s in zip(table, sizes, shards):
         np.testing.assert_array_equal(row[:size], s)
         assert set(row.tolist()) == set(s.tolist())
+
+
+def test_tfds_failure_is_one_clear_error(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds, "data_source", offline)
+    with pytest.raises(DataError, match=r"data.dir: not set .*ConnectionError: no network"):
+        load_tfds()

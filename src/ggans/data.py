@@ -90,7 +90,14 @@ def load_tfds(data_dir: str | None = None) -> Mnist:
     import tensorflow_datasets as tfds
 
     def split(name: str) -> tuple[np.ndarray, np.ndarray]:
-        source = tfds.data_source("mnist", split=name, data_dir=data_dir)
+        try:
+            source = tfds.data_source("mnist", split=name, data_dir=data_dir)
+        except Exception as err:  # noqa: BLE001 - offline, no prepared data, broken install
+            raise DataError(
+                "data.dir: not set (nor $GGANS_DATA_DIR), and tensorflow-datasets could not "
+                f"load MNIST ({type(err).__name__}: {err}); set data.dir to a folder with the "
+                "four MNIST IDX files, or prepare tfds's mnist where it can download"
+            ) from None
         records = [source[i] for i in range(len(source))]
         images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28, 1) for r in records])
         labels = np.asarray([r["label"] for r in records], np.uint8)
