@@ -51,13 +51,13 @@ VARIANT ?= paper
 PAPER_SWEEPS := sweeps/scalability.yaml sweeps/non_iid.yaml
 SWEEP := $(BIN)/python -m ggans.sweep --out $(SWEEPS_DIR)
 
-.PHONY: reproduce-paper reproduce-paper-quick k-sweep k-sweep-quick figures
+.PHONY: reproduce-paper reproduce-paper-quick k-sweep k-sweep-quick faults faults-quick figures
 
 reproduce-paper: $(BIN)/python  ## Figures 2-5 at the paper's scale (GPU), then the figures
 	$(SWEEP) $(PAPER_SWEEPS) logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
 	$(MAKE) --no-print-directory figures VARIANT=paper; exit $$s
 
-reproduce-paper-quick: $(BIN)/python  ## the same, CPU-sized (tiny model, 5% of MNIST)
+reproduce-paper-quick: $(BIN)/python  ## the same, CPU-sized (tiny model, 2-5% of MNIST)
 	$(SWEEP) $(PAPER_SWEEPS) --quick logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
 	$(MAKE) --no-print-directory figures VARIANT=quick; exit $$s
 
@@ -67,6 +67,14 @@ k-sweep: $(BIN)/python  ## beyond the paper: K in {50, 200, 1000} at N = 10 (GPU
 
 k-sweep-quick: $(BIN)/python  ## the K sweep, CPU-sized
 	$(SWEEP) sweeps/k_sweep.yaml --quick logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
+	$(MAKE) --no-print-directory figures VARIANT=quick; exit $$s
+
+faults: $(BIN)/python  ## beyond the paper: gossip and federated under node drops, message loss
+	$(SWEEP) sweeps/faults.yaml logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
+	$(MAKE) --no-print-directory figures VARIANT=paper; exit $$s
+
+faults-quick: $(BIN)/python  ## the faults sweep, CPU-sized
+	$(SWEEP) sweeps/faults.yaml --quick logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
 	$(MAKE) --no-print-directory figures VARIANT=quick; exit $$s
 
 figures: $(BIN)/python  ## figures + results.md of every sweep in $(SWEEPS_DIR)/$(VARIANT)
