@@ -18,7 +18,7 @@ EXPECTED = {  # sweep -> (paper jobs, quick jobs)
     "scalability": (11, 7),
     "non_iid": (4, 4),
     "k_sweep": (6, 6),
-    "faults": (14, 14),
+    "faults": (14, 10),
 }
 
 
