@@ -186,8 +186,15 @@ def group_runs(runs: list[Run]) -> dict[tuple, list[Run]]:
     """Runs by (split, N, K, competitor, faults): several seeds of one setting share a key."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        key = (run.split, run.nodes, run.local_steps, run.competitor)
-        groups[(*key, run.node_drop, run.message_loss)].append(run)
+        key = (
+            run.split,
+            run.nodes,
+            run.local_steps,
+            run.competitor,
+            run.node_drop,
+            run.message_loss,
+        )
+        groups[key].append(run)
     return dict(groups)
 
 
@@ -384,6 +391,26 @@ def plot_bytes(runs: list[Run], path: Path, title: str) -> Path | None:
     return path
 
 
+def _final_against(ax, runs: list[Run], setting: str, metric: str) -> None:
+    """One line per protocol: final ``metric`` (mean +- std over machines, seeds pooled)
+    against the run attribute ``setting`` (K, a fault rate)."""
+    by: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        by[run.competitor][getattr(run, setting)] += run.final(metric)
+    for competitor in sorted(by, key=_order):
+        xs = sorted(by[competitor])
+        ax.errorbar(
+            xs,
+            [np.mean(by[competitor][x]) for x in xs],
+            yerr=[np.std(by[competitor][x]) for x in xs],
+            marker="o",
+            capsize=3,
+            label=competitor,
+            color=COLORS.get(competitor, "tab:purple"),
+        )
+    ax.grid(alpha=0.3)
+
+
 def plot_k(runs: list[Run], path: Path, title: str) -> Path | None:
     """Final MS and FID (mean +- std across machines) against K, per protocol and N."""
     scored = [r for r in runs if r.final("fid") and r.nodes > 1]
@@ -397,28 +424,11 @@ def plot_k(runs: list[Run], path: Path, title: str) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(2, len(nodes), figsize=(4.2 * len(nodes), 6.4), squeeze=False)
     for col, (n, group) in enumerate(nodes.items()):
-        by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for metric_row, (metric, ylabel) in enumerate(METRICS):
-            by.clear()
-            for run in group:
-                by[run.competitor][run.local_steps] += run.final(metric)
             ax = axes[metric_row, col]
-            for competitor in sorted(by, key=_order):
-                ks = sorted(by[competitor])
-                mean = [np.mean(by[competitor][k]) for k in ks]
-                std = [np.std(by[competitor][k]) for k in ks]
-                ax.errorbar(
-                    ks,
-                    mean,
-                    yerr=std,
-                    marker="o",
-                    capsize=3,
-                    label=competitor,
-                    color=COLORS.get(competitor, "tab:purple"),
-                )
+            _final_against(ax, group, "local_steps", metric)
             ax.set_xscale("log")
             ax.set_xlabel("K, local iterations per round")
-            ax.grid(alpha=0.3)
             if col == 0:
                 ax.set_ylabel(ylabel)
         axes[0, col].set_title(f"N = {n}")
@@ -445,23 +455,9 @@ def plot_faults(runs: list[Run], path: Path, title: str) -> Path | None:
         other = kinds[1 - col][0]
         group = [r for r in scored if getattr(r, other) == 0]
         for row, (metric, ylabel) in enumerate(METRICS):
-            by: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-            for run in group:
-                by[run.competitor][getattr(run, kind)] += run.final(metric)
             ax = axes[row, col]
-            for competitor in sorted(by, key=_order):
-                rates = sorted(by[competitor])
-                ax.errorbar(
-                    rates,
-                    [np.mean(by[competitor][x]) for x in rates],
-                    yerr=[np.std(by[competitor][x]) for x in rates],
-                    marker="o",
-                    capsize=3,
-                    label=competitor,
-                    color=COLORS.get(competitor, "tab:purple"),
-                )
+            _final_against(ax, group, kind, metric)
             ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
             if col == 0:
                 ax.set_ylabel(ylabel)
         axes[0, col].legend(fontsize=7)
@@ -488,7 +484,7 @@ def results(runs: list[Run]) -> list[dict[str, Any]]:
     groups = group_runs(runs)
     for (split, n, k, competitor, drop, loss), members in sorted(
         groups.items(),
-        key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], _order(kv[0][3]), kv[0][4], kv[0][5]),
+        key=lambda kv: (*kv[0][:3], _order(kv[0][3]), *kv[0][4:]),
     ):
         ms = sum((r.final("ms") for r in members), [])
         fid = sum((r.final("fid") for r in members), [])
