@@ -1,7 +1,8 @@
-"""Where a vmapped training step spends its time on XLA's CPU backend, op by op.
+"""Where a compiled round spends its time on XLA's CPU backend, op by op.
 
-Traces S steps of N stacked replicas (one ``lax.scan`` of ``vmap(train_step)``, as in a round)
-with ``jax.profiler`` (a Perfetto trace, no TensorBoard needed), matches every traced op to the
+Traces one round of K = ``--steps`` local steps of N stacked replicas plus the gossip exchange
+(``ggans.training``'s compiled round, on ``ggans.bench``'s synthetic shards) with
+``jax.profiler`` (a Perfetto trace, no TensorBoard needed), matches every traced op to the
 compiled HLO, and prints the self time of each kind of op (batched dense dots, per-replica
 convolutions, everything else) and the slowest ops with their shapes and GFLOP/s.
 
@@ -20,8 +21,12 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 
-from ggans.gan import GanSpec, init_gan, train_step
+from ggans.bench import _synthetic
+from ggans.gan import GanSpec
+from ggans.replicas import init_replicas
+from ggans.training import RoundSpec, _compiled_round, make_round
 
 
 def _shape(text: str) -> list[int]:
@@ -107,31 +112,32 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     n, steps = args.n, args.steps
-    spec = GanSpec(arch=args.arch, loss=args.loss)
-    state = jax.vmap(lambda k: init_gan(spec, k))(jax.random.split(jax.random.key(0), n))
-    real = jax.random.uniform(jax.random.key(1), (steps, n, spec.batch_size, 28, 28, 1))
-
-    @jax.jit
-    def run(state, key):
-        def body(st, xs):
-            k, r = xs
-            step = jax.vmap(lambda s, kk, rr: train_step(spec, s, kk, rr))
-            return step(st, jax.random.split(k, n), r)[0], None
-
-        return jax.lax.scan(body, state, (jax.random.split(key, steps), real))[0]
-
-    compiled = run.lower(state, jax.random.key(2)).compile()
-    jax.block_until_ready(compiled(state, jax.random.key(2)))
-    best = min(_timed(compiled, state, r) for r in range(3))
+    gan = GanSpec(arch=args.arch, loss=args.loss)
+    spec = RoundSpec(gan=gan, protocol="gossip", local_steps=steps)
+    round_fn = make_round(spec)
+    shards = _synthetic(n)
+    state = init_replicas(gan, jax.random.key(0), n)
+    times = []
+    for r in range(4):  # the first call compiles
+        t0 = time.perf_counter()
+        state, _ = round_fn(state, shards, jax.random.key(1), r)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    best = min(times[1:])
     print(
         f"{args.arch} {args.loss}, N = {n}: {best / steps * 1e3:.0f} ms a step, "
         f"{n * steps / best:.2f} replica-steps/s"
     )
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-            jax.block_until_ready(compiled(state, jax.random.key(9)))
+            state, _ = round_fn(state, shards, jax.random.key(1), 4)
+            jax.block_until_ready(state)
         own, calls = self_times(glob.glob(f"{log_dir}/**/*.json.gz", recursive=True)[0])
-    info, flops = hlo_index(compiled.as_text())
+    active = jnp.ones((n,), bool)
+    lowered = _compiled_round.lower(
+        spec, state, shards, jax.random.key(1), jnp.asarray(0, jnp.int32), active
+    )
+    info, flops = hlo_index(lowered.compile().as_text())
     kinds: collections.Counter = collections.Counter()
     kind_flops: collections.Counter = collections.Counter()
     for name, us in own.items():
@@ -159,12 +165,6 @@ def main() -> None:
         shape, _, op = info[name]
         rate = f"{flops[name] * calls[name] / us / 1e3:.0f}" if flops.get(name) else ""
         print(f"| {us / 1e3 / steps:.1f} | {rate} | {name} | {shape.split('{')[0]} | {op[-80:]} |")
-
-
-def _timed(fn, state, r: int) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(state, jax.random.key(3 + r)))
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
