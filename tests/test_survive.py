@@ -18,7 +18,7 @@ from ggans.checkpoint import Checkpointer
 from ggans.config import DataConfig, EvalConfig, RunConfig
 from ggans.errors import GGansError
 from ggans.gan import GanSpec
-from ggans.records import read_jsonl
+from ggans.records import append_jsonl, read_jsonl
 from ggans.replicas import init_replicas
 from ggans.run import run
 from ggans.training import RoundSpec, make_round
@@ -139,16 +139,16 @@ SHARDED = textwrap.dedent("""
     from ggans.replicas import init_replicas
     from ggans.sharding import replica_sharding, replicated
     from ggans.training import RoundSpec, Shards, make_round
-    assert jax.device_count() == 4
+    assert jax.device_count() == 8
     tiny = GanSpec(arch="tiny", noise_dim=16, batch_size=8)
-    shards = synthetic_shards(4, images=32)
-    sharding = replica_sharding(4)
+    shards = synthetic_shards(8, images=64)
+    sharding = replica_sharding(8)
     outs = {}
     for form in ("dense", "gather"):
         for sharded in (False, True):
             spec = RoundSpec(gan=tiny, protocol="gossip_ind", local_steps=2, form=form,
                              sharding=sharding if sharded else None)
-            state = init_replicas(tiny, jax.random.key(0), 4)
+            state = init_replicas(tiny, jax.random.key(0), 8)
             sh = shards
             if sharded:
                 state = jax.device_put(state, sharding)
@@ -158,16 +158,18 @@ SHARDED = textwrap.dedent("""
             out, info = make_round(spec)(state, sh, jax.random.key(1), 0)
             leaf = out.g_params["Dense_0"]["kernel"]
             if sharded:
-                assert len(leaf.sharding.device_set) == 4, leaf.sharding
+                assert len(leaf.sharding.device_set) == 8, leaf.sharding
                 assert leaf.addressable_shards[0].data.shape[0] == 1, "not split by machine"
             outs[form, sharded] = (leaf, info.metrics.g_loss)
     for form in ("dense", "gather"):
         for a, b in zip(outs[form, False], outs[form, True]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     try:
-        replica_sharding(6)
+        replica_sharding(12)
     except Exception as err:
-        assert "multiple of the 4 devices" in str(err)
+        assert "multiple of the 8 devices" in str(err)
+    else:
+        raise AssertionError("replica_sharding(12) on 8 devices did not fail")
     print("SHARDED-OK")
 """)
 
@@ -175,7 +177,7 @@ SHARDED = textwrap.dedent("""
 def test_replica_axis_sharded_over_devices():
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
         PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")]),
     )
     out = subprocess.run(
@@ -189,3 +191,20 @@ def test_summary_records_the_run(mnist, tmp_path):
     saved = json.loads((tmp_path / "s/summary.json").read_text())
     assert saved["rounds"] == summary["rounds"] == 2
     assert len(saved["final"]["g_loss"]) == 2
+
+
+def test_truncated_metrics_line_is_repaired(tmp_path):
+    """A write cut short (crash, full disk) leaves a partial last line: reading drops it,
+    repairing removes it from disk, and the next append starts on a clean line."""
+    path = tmp_path / "metrics.jsonl"
+    for r in (1, 2):
+        append_jsonl(path, {"round": r, "fid_mean": 100.0 / r})
+    whole = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(b'{"round": 3, "fid_me')
+    assert [row["round"] for row in read_jsonl(path)] == [1, 2]
+    assert path.read_bytes() != whole  # reading alone leaves the file as it is
+    assert [row["round"] for row in read_jsonl(path, repair=True)] == [1, 2]
+    assert path.read_bytes() == whole
+    append_jsonl(path, {"round": 3, "fid_mean": 33.3})
+    assert [row["round"] for row in read_jsonl(path)] == [1, 2, 3]
