@@ -18,6 +18,7 @@ from ggans.checkpoint import Checkpointer
 from ggans.config import DataConfig, EvalConfig, RunConfig
 from ggans.errors import GGansError
 from ggans.gan import GanSpec
+from ggans.protocols import Faults
 from ggans.records import append_jsonl, read_jsonl
 from ggans.replicas import init_replicas
 from ggans.run import run
@@ -191,6 +192,19 @@ def test_summary_records_the_run(mnist, tmp_path):
     saved = json.loads((tmp_path / "s/summary.json").read_text())
     assert saved["rounds"] == summary["rounds"] == 2
     assert len(saved["final"]["g_loss"]) == 2
+
+
+def test_faults_are_logged_every_round(mnist, tmp_path):
+    """Each row counts the machines that missed the exchange and the messages lost."""
+    almost = 1 - 1e-7  # every machine drops out, every round
+    run(small_cfg(faults=Faults(node_drop=almost)), tmp_path / "d", mnist=mnist, progress=False)
+    rows = read_jsonl(tmp_path / "d/metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["machines_dropped"] == 2 and r["messages_lost"] == 0 for r in rows)
+    assert all(r["bytes_sent_total"] == 0 for r in rows)
+    run(small_cfg(), tmp_path / "c", mnist=mnist, progress=False)
+    clean = read_jsonl(tmp_path / "c/metrics.jsonl")
+    assert all(r["machines_dropped"] == 0 and r["messages_lost"] == 0 for r in clean)
 
 
 def test_truncated_metrics_line_is_repaired(tmp_path):
