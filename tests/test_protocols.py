@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ggans import protocols
 from ggans.protocols import PROTOCOLS, Faults, mix, mix_dense, mix_gather, round_mixing
 
 BYTES = (1000, 3000)
@@ -91,6 +92,37 @@ def test_dense_and_gather_forms_agree(protocol, faults):
         dense, gather = mix_dense(m, tree), mix_gather(m, tree)
         np.testing.assert_allclose(dense["a"], gather["a"], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(dense["step"], tree["step"])  # ints are never mixed
+
+
+@pytest.mark.parametrize("block", [1, 6, 12, 35])
+def test_blockwise_dense_mixing_equals_one_einsum(block):
+    """Large leaves are mixed in place a block of axis 1 at a time: the same numbers as one
+    einsum. Leaf [n, 6, 2, 3], 6 values a row: blocks of 1 row (block 1, smaller than a row,
+    and block 6), 2 rows (block 12) or 3 (block 35: the most rows that divide 6 and fit)."""
+    n = 10
+    g, _, _ = round_mixing("gossip", jax.random.key(3), n, BYTES, Faults(0.3, 0.0))
+    x = jax.random.normal(jax.random.key(4), (n, 6, 2, 3))
+    x = x.at[2, 1, 0, 0].set(jnp.nan)  # a non-finite model never leaks into another
+    w = np.asarray(g.matrix())
+    want = np.einsum("ij,j...->i...", w, np.nan_to_num(np.asarray(x), nan=0.0))
+    keep = np.diag(w) == 1.0
+    want[keep] = np.asarray(x)[keep]
+    got = np.asarray(mix_dense(g, {"x": x}, block=block)["x"])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert keep.any() and not keep.all()
+
+
+def test_auto_form_is_dense_up_to_dense_max_n():
+    """``auto`` mixes gossip densely (temporaries of one block) up to DENSE_MAX_N machines,
+    and in gather form above."""
+
+    def program(f, n):
+        g, _, _ = round_mixing("gossip", jax.random.key(0), n, BYTES)
+        return str(jax.make_jaxpr(lambda t: f(g, t))({"x": jnp.ones((n, 3))}))
+
+    big = protocols.DENSE_MAX_N + 1
+    assert program(mix, 4) == program(mix_dense, 4) != program(mix_gather, 4)
+    assert program(mix, big) == program(mix_gather, big) != program(mix_dense, big)
 
 
 def test_same_seed_same_mixing():
