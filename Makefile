@@ -57,7 +57,7 @@ reproduce-paper: $(BIN)/python  ## Figures 2-5 at the paper's scale (GPU), then 
 	$(SWEEP) $(PAPER_SWEEPS) logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
 	$(MAKE) --no-print-directory figures VARIANT=paper; exit $$s
 
-reproduce-paper-quick: $(BIN)/python  ## the same, CPU-sized (tiny model, 2-5% of MNIST)
+reproduce-paper-quick: $(BIN)/python  ## the same, CPU-sized (tiny model, 1-5% of MNIST)
 	$(SWEEP) $(PAPER_SWEEPS) --quick logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
 	$(MAKE) --no-print-directory figures VARIANT=quick; exit $$s
 

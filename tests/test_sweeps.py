@@ -64,11 +64,11 @@ def test_scalability_runs_n1_and_n2_once():
 
 
 def test_quick_scalability_keeps_little_data_per_machine():
-    """The quick variant's largest N gives each machine a few hundred images."""
+    """The quick variant's largest N leaves each machine tens of images (60: with 120, the
+    quick runs did not separate gossip_ind from standalone), the smallest N hundreds."""
     found = jobs(load(SWEEPS / "scalability.yaml"), True, "out")
-    largest = max(j.config["nodes"] for j in found)
-    per_machine = 60000 * found[0].config["data"]["fraction"] / largest
-    assert 100 <= per_machine <= 1000
+    sizes = [60000 * j.config["data"]["fraction"] / j.config["nodes"] for j in found]
+    assert 50 <= min(sizes) <= 100 and max(sizes) >= 500
 
 
 def test_non_iid_and_k_sweep_settings():

@@ -177,13 +177,14 @@ def run(
     last: dict[str, Any] = rows[-1] if rows else {}
     t0 = time.perf_counter() - offset
     bar = progress_bar(cfg.rounds, initial=start, enabled=progress, desc=cfg.name)
+    sizes = np.asarray(shards.size)
     log.info(
         "%s: %d machines, %d rounds of %d steps, shards of %s images",
         cfg.name,
         cfg.nodes,
         cfg.rounds,
         cfg.local_steps,
-        np.asarray(shards.size).tolist(),
+        sizes.tolist() if cfg.nodes <= 10 else f"{sizes.min()} to {sizes.max()}",
     )
     spec = dataclasses.replace(cfg.round_spec, sharding=sharding)
     rounds = iterate_rounds(
