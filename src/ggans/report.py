@@ -427,7 +427,10 @@ def plot_k(runs: list[Run], path: Path, title: str) -> Path | None:
         for metric_row, (metric, ylabel) in enumerate(METRICS):
             ax = axes[metric_row, col]
             _final_against(ax, group, "local_steps", metric)
+            ks = sorted({r.local_steps for r in group})
             ax.set_xscale("log")
+            ax.set_xticks(ks, [str(k) for k in ks])  # the K values run, not log-scale decades
+            ax.minorticks_off()
             ax.set_xlabel("K, local iterations per round")
             if col == 0:
                 ax.set_ylabel(ylabel)
