@@ -424,10 +424,10 @@ def plot_k(runs: list[Run], path: Path, title: str) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(2, len(nodes), figsize=(4.2 * len(nodes), 6.4), squeeze=False)
     for col, (n, group) in enumerate(nodes.items()):
+        ks = sorted({r.local_steps for r in group})
         for metric_row, (metric, ylabel) in enumerate(METRICS):
             ax = axes[metric_row, col]
             _final_against(ax, group, "local_steps", metric)
-            ks = sorted({r.local_steps for r in group})
             ax.set_xscale("log")
             ax.set_xticks(ks, [str(k) for k in ks])  # the K values run, not log-scale decades
             ax.minorticks_off()
