@@ -49,3 +49,11 @@ def test_a_killed_job_is_reported_with_its_signal(monkeypatch):
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Killed())
     job = {"kind": "naive", "n": 100}
     assert bench._spawn(job, 1.0) == {"kind": "naive", "n": 100, "error": "killed by signal 9"}
+
+
+def test_table_shows_the_torch_rate_and_dashes_for_what_was_not_run(capsys):
+    rnd = {"arch": "paper", "loss": "nonsat", "n": 10, "kind": "round", "round_rate_min": 6.0}
+    rnd |= {"round_rate_median": 6.5, "compile_s": 5.0, "peak_memory_gib": 3.75, "peak_share": 0.3}
+    bench.print_table([rnd], {"nonsat": {"replica_steps_per_s_median": 8.125}})
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row == "| paper | nonsat | 10 | 6.00 / 6.50 | - | - | 8.12 | 0.80x | 5.0 | 3.75 | 30% |"

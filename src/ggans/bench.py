@@ -352,15 +352,19 @@ def main(argv: list[str] | None = None) -> None:
     print_table(results, torch)
 
 
+def _rate(x: float | None) -> str:
+    return f"{x:.2f}" if x else "-"
+
+
 def print_table(results: list[dict], torch: dict) -> None:
     """The summary table: rates, ratios, compile time, memory, share of the matmul peak."""
     rounds = {(r["arch"], r["loss"], r["n"]): r for r in results if r.get("kind") == "round"}
     naive = {(r["arch"], r["loss"], r["n"]): r for r in results if r.get("kind") == "naive"}
     print(
-        "| model | loss | N | round r-steps/s (min / median) | naive loop | ratio | vs torch "
-        "| compile s | peak GiB | matmul peak share |"
+        "| model | loss | N | round r-steps/s (min / median) | naive loop | ratio | torch loop "
+        "| vs torch | compile s | peak GiB | matmul peak share |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- " * 11 + "|")
     for key, r in rounds.items():
         if "error" in r:
             print(f"| {key[0]} | {key[1]} | {key[2]} | error: {r['error']} |")
@@ -369,14 +373,11 @@ def print_table(results: list[dict], torch: dict) -> None:
         nrate = nv.get("naive_rate_median")
         ratio = f"{r['round_rate_median'] / nrate:.2f}x" if nrate else "-"
         t = torch.get(key[1], {}) if key[0] == "paper" and key[2] == 10 else {}
-        vs = (
-            f"{r['round_rate_median'] / t['replica_steps_per_s_median']:.2f}x"
-            if t.get("replica_steps_per_s_median")
-            else "-"
-        )
+        trate = t.get("replica_steps_per_s_median")
+        vs = f"{r['round_rate_median'] / trate:.2f}x" if trate else "-"
         print(
             f"| {key[0]} | {key[1]} | {key[2]} | {r['round_rate_min']:.2f} / "
-            f"{r['round_rate_median']:.2f} | {nrate or float('nan'):.2f} | {ratio} | {vs} | "
+            f"{r['round_rate_median']:.2f} | {_rate(nrate)} | {ratio} | {_rate(trate)} | {vs} | "
             f"{r['compile_s']:.1f} | {r['peak_memory_gib']:.2f} | {r['peak_share']:.0%} |"
         )
     for r in results:
