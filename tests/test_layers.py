@@ -1,5 +1,5 @@
-"""ggans.layers.Conv / ConvTranspose against flax.linen: values, gradients of first and second
-order (WGAN-GP style), single and under vmap over stacked params, float32 and float64."""
+"""ggans.layers.Conv / ConvTranspose / Dense against flax.linen: values, gradients of first and
+second order (WGAN-GP style), single and under vmap over stacked params, float32 and float64."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ GAN_CASES = [
         dict(features=32, kernel_size=(4, 4), strides=(2, 2), use_bias=False),
     ),
     ("G_conv", "conv", (28, 28, 32), dict(features=1, kernel_size=(4, 4), strides=(1, 1))),
+]
+# the GAN's dense layers (G's two, D's hidden one and its logit)
+DENSE_CASES = [
+    ("G_dense0", "dense", (128,), dict(features=1024, use_bias=False)),
+    ("G_dense1", "dense", (1024,), dict(features=6272, use_bias=False)),
+    ("D_dense", "dense", (6272,), dict(features=1024)),
+    ("D_logit", "dense", (1024,), dict(features=1)),
 ]
 ODD_CASES = [
     ("conv_k3s1_valid", "conv", (9, 9, 3), dict(features=5, kernel_size=(3, 3), padding="VALID")),
@@ -66,12 +73,18 @@ GAN_SMALL = [
     )
     for name, kind, shape, kw in GAN_CASES
 ]
+DENSE_SMALL = [
+    ("dense_small", "dense", (5,), dict(features=3)),
+    ("dense_nobias_small", "dense", (3,), dict(features=4, use_bias=False)),
+]
 ALL_CASES = GAN_CASES + ODD_CASES
-SMALL_CASES = GAN_SMALL + ODD_CASES
-VMAP_CASES = [GAN_SMALL[0], GAN_SMALL[2], ODD_CASES[6]]
+SMALL_CASES = GAN_SMALL + ODD_CASES + DENSE_SMALL
+VMAP_CASES = [GAN_SMALL[0], GAN_SMALL[2], DENSE_SMALL[0], ODD_CASES[6]]
 
 
 def _modules(kind, kw, dtype=jnp.float32):
+    if kind == "dense":
+        return nn.Dense(param_dtype=dtype, **kw), layers.Dense(param_dtype=dtype, **kw)
     if kind == "conv":
         return nn.Conv(param_dtype=dtype, **kw), layers.Conv(param_dtype=dtype, **kw)
     return nn.ConvTranspose(param_dtype=dtype, **kw), layers.ConvTranspose(param_dtype=dtype, **kw)
@@ -138,7 +151,9 @@ def test_gradients_float64(name, kind, shape, kw):
             _assert_close(out_ref[i], out_new[i], 1e-11, what)
 
 
-@pytest.mark.parametrize("name,kind,shape,kw", GAN_CASES, ids=[c[0] for c in GAN_CASES])
+@pytest.mark.parametrize(
+    "name,kind,shape,kw", GAN_CASES + DENSE_CASES, ids=[c[0] for c in GAN_CASES + DENSE_CASES]
+)
 def test_gradients_float32(name, kind, shape, kw):
     ref, new, params, x = _setup(kind, shape, kw, batch=2)
     key = jax.random.key(3)
@@ -198,7 +213,8 @@ def test_vmap_unrolled_replicas(monkeypatch):
 
 
 def test_batch_dims_like_flax():
-    for kind, shape, kw in [(c[1], c[2], c[3]) for c in (GAN_CASES[1], GAN_CASES[2])]:
+    cases = (GAN_CASES[1], GAN_CASES[2], DENSE_CASES[0])
+    for kind, shape, kw in [(c[1], c[2], c[3]) for c in cases]:
         ref, new, params, x = _setup(kind, shape, kw, batch=2)
         x3 = jnp.stack([x, 2 * x])  # two leading batch dims
         _assert_close(ref.apply(params, x3), new.apply(params, x3), 2e-6, "2 batch dims")
@@ -267,3 +283,14 @@ def test_no_slow_convolutions_emitted(name, kind, shape, kw):
         assert m is None or m.group(1) == "1", line
         m = re.search(r"batch_group_count = (\d+)", line)
         assert m is None or m.group(1) == "1", line
+
+
+def test_dense_gradients_need_no_transposes():
+    """Every product in a dense layer's first and second-order gradients comes out in the layout
+    it is used in (flax's kernel gradient is a product followed by a transpose, which XLA's CPU
+    backend may fuse into the optimizer's passes as a slow column-wise read)."""
+    ref, new, params, x = _setup("dense", (12,), dict(features=5), batch=2)
+    P, X = _stack([params, params]), jnp.stack([x, x])
+    for fn, args in [(_second_order, (params, x)), (lambda m: jax.vmap(_second_order(m)), (P, X))]:
+        assert "stablehlo.transpose" in jax.jit(fn(ref)).lower(*args).as_text()
+        assert "stablehlo.transpose" not in jax.jit(fn(new)).lower(*args).as_text()

@@ -1,7 +1,7 @@
 """The TF MNIST GAN (reference-notes section 1) in Flax: generator and discriminator.
 
 ``paper`` is the published model; ``tiny`` keeps its shapes with narrow layers, for tests and
-quick runs. ``impl="fast"`` swaps in the convolutions of :mod:`ggans.layers`, which compute the
+quick runs. ``impl="fast"`` swaps in the layers of :mod:`ggans.layers`, which compute the
 same function with the same parameters but run far faster under ``vmap`` on XLA's CPU backend.
 """
 
@@ -34,13 +34,14 @@ ARCHS = {
 }
 
 
-def _conv_layers(impl: str):
+def _layers(impl: str):
+    """Dense, Conv and ConvTranspose of the chosen implementation."""
     if impl == "flax":
-        return nn.Conv, nn.ConvTranspose
+        return nn.Dense, nn.Conv, nn.ConvTranspose
     if impl == "fast":
         from ggans import layers
 
-        return layers.Conv, layers.ConvTranspose
+        return layers.Dense, layers.Conv, layers.ConvTranspose
     raise ValueError(f"model.impl={impl!r}: must be flax or fast")
 
 
@@ -56,7 +57,7 @@ class Generator(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
-        conv, conv_t = _conv_layers(self.impl)
+        dense, conv, conv_t = _layers(self.impl)
 
         def bn(x):
             return nn.BatchNorm(
@@ -67,8 +68,8 @@ class Generator(nn.Module):
             )(x)
 
         a = self.arch
-        x = nn.relu(bn(nn.Dense(a.g_dense, use_bias=False, kernel_init=_init)(z)))
-        x = nn.relu(bn(nn.Dense(7 * 7 * a.g_base, use_bias=False, kernel_init=_init)(x)))
+        x = nn.relu(bn(dense(a.g_dense, use_bias=False, kernel_init=_init)(z)))
+        x = nn.relu(bn(dense(7 * 7 * a.g_base, use_bias=False, kernel_init=_init)(x)))
         x = x.reshape(x.shape[:-1] + (7, 7, a.g_base))
         for width in a.g_convs:
             x = conv_t(
@@ -87,14 +88,14 @@ class Discriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv, _ = _conv_layers(self.impl)
+        dense, conv, _ = _layers(self.impl)
         a = self.arch
         for width in a.d_convs:
             x = conv(width, (4, 4), strides=(2, 2), padding="SAME", kernel_init=_init)(x)
             x = nn.leaky_relu(x, 0.01)
         x = x.reshape(x.shape[:-3] + (-1,))
-        x = nn.leaky_relu(nn.LayerNorm()(nn.Dense(a.d_dense, kernel_init=_init)(x)), 0.01)
-        return nn.Dense(1, kernel_init=_init, name="logit")(x)[..., 0]
+        x = nn.leaky_relu(nn.LayerNorm()(dense(a.d_dense, kernel_init=_init)(x)), 0.01)
+        return dense(1, kernel_init=_init, name="logit")(x)[..., 0]
 
 
 def l2_penalty(params, skip: str) -> jax.Array:
