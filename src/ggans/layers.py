@@ -581,7 +581,7 @@ class ConvTranspose(Module):
 # kernel gradient is ``dot(dy, x)`` laid out ``[out, in]`` and then transposed; inside a loop
 # body over a single replica XLA's CPU backend fuses that transpose into the optimizer's
 # elementwise passes, which then read the kernel gradient (25.7 MB for the paper's big layers)
-# column by column, 10-30x slower. Each slot's VJP here is another slot, so gradients of every
+# column by column, 8-15x slower. Each slot's VJP here is another slot, so gradients of every
 # order are products written in the layout they are used in.
 def _dot(a, b, ca: int, cb: int, precision):
     return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision)
