@@ -293,3 +293,49 @@ def test_dense_gradients_need_no_transposes():
     for fn, args in [(_second_order, (params, x)), (lambda m: jax.vmap(_second_order(m)), (P, X))]:
         assert "stablehlo.transpose" in jax.jit(fn(ref)).lower(*args).as_text()
         assert "stablehlo.transpose" not in jax.jit(fn(new)).lower(*args).as_text()
+
+
+# (input shape [B, *U, ci], co, kernel, strides, padding): one channel on either side
+NARROW_GEOMETRIES = [
+    ((3, 28, 28, 1), 5, (4, 4), (2, 2), ((1, 2), (1, 2))),  # the discriminator's first conv
+    ((3, 28, 28, 6), 1, (4, 4), (1, 1), ((1, 2), (1, 2))),  # the generator's last conv
+    ((2, 9, 11, 1), 3, (3, 2), (2, 3), ((0, 1), (2, 1))),
+    ((2, 9, 11, 4), 1, (5, 3), (3, 2), ((2, 0), (1, 1))),
+    ((2, 12, 1), 4, (3,), (2,), ((1, 1),)),
+]
+
+
+@pytest.mark.parametrize("geometry", NARROW_GEOMETRIES, ids=lambda g: f"{g[0]}->{g[1]}")
+def test_narrow_slots_equal_xla(geometry):
+    """The per-tap matmul forms of the three slots equal XLA's convolution and its transposes."""
+    shape, co, ks, strides, padding = geometry
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(0), 3)
+        u = jax.random.normal(k[0], shape, jnp.float64)
+        w = jax.random.normal(k[1], (*ks, shape[-1], co), jnp.float64)
+        kw = dict(strides=strides, padding=padding, precision=None)
+        v_ref = layers._conv_impl(u, w, **kw)
+        v = jax.random.normal(k[2], v_ref.shape, jnp.float64)
+        u_ref = layers._convt_impl_xla(v, w, **kw, u_spatial=shape[1:-1])
+        w_ref = layers._kgrad_impl_xla(u, v, **kw, k_spatial=ks)
+        if co == 1:
+            _assert_close(v_ref, layers._narrow_conv(u, w, **kw), 1e-13, "conv")
+        else:
+            u_new = layers._narrow_convt(v, w, **kw, u_spatial=shape[1:-1])
+            _assert_close(u_ref, u_new, 1e-13, "transposed conv")
+        _assert_close(w_ref, layers._narrow_kgrad(u, v, **kw, k_spatial=ks), 1e-13, "kernel grad")
+
+
+def test_single_channel_layers_run_as_matmuls():
+    """The generator's last conv (one output channel): its value and kernel gradient lower to
+    products, not convolutions; the discriminator's first (one input channel): its input and
+    kernel gradients do."""
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 6))
+    w = jax.random.normal(jax.random.key(1), (4, 4, 6, 1))
+    f = jax.grad(lambda w: jnp.sum(jnp.sin(layers.conv(x, w))))
+    assert not _conv_ops(jax.jit(f).lower(w).as_text())
+    img = jax.random.normal(jax.random.key(2), (2, 28, 28, 1))
+    w = jax.random.normal(jax.random.key(3), (4, 4, 1, 5))
+    g = jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.conv(x, w, strides=2))), argnums=(0, 1))
+    text = jax.jit(lambda x, w: g(x, w)).lower(img, w).as_text()
+    assert len(_conv_ops(text)) == 1  # the forward convolution only

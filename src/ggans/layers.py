@@ -39,6 +39,7 @@ is 30-50x slower; the forms here are fast in both places.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -178,6 +179,130 @@ def _kgrad_impl(u, v, *, strides, padding, precision, k_spatial):
     return jnp.moveaxis(o, 0, -2)
 
 
+# A layer with a single channel on one side (MNIST's image layers: the discriminator's first
+# convolution and the generator's last) is too narrow for a convolution to run well: its one
+# channel fills a whole vector lane per pixel. Its slots are run as products over the
+# ``K = prod(k)`` taps instead: the taps of the narrow side are gathered (or scattered) with
+# strided slices, and the contraction over the wide side's channels is one matmul.
+def _tap_bounds(t, strides, v_spatial):
+    return [tt + s * (m - 1) + 1 for tt, s, m in zip(t, strides, v_spatial)]
+
+
+def _tap_pads(u_spatial, v_spatial, k_spatial, strides, padding):
+    """Pads of ``u`` such that tap ``t`` of output ``o`` reads padded index ``s*o + t`` (a
+    negative high pad crops)."""
+    return [
+        (lo, s * (m - 1) + k - n - lo, 0)
+        for n, m, k, s, (lo, _) in zip(u_spatial, v_spatial, k_spatial, strides, padding)
+    ]
+
+
+def _patches(x, v_spatial, k_spatial, strides, padding):
+    """``x [B, *U, c] -> [B, *V, K, c]``, tap ``t`` of output ``o`` being ``x[b, s*o + t - lo]``
+    (zero outside ``x``)."""
+    b, c = x.shape[0], x.shape[-1]
+    pads = _tap_pads(x.shape[1:-1], v_spatial, k_spatial, strides, padding)
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
+    taps = itertools.product(*map(range, k_spatial))
+    cols = [
+        lax.slice(xp, (0, *t, 0), (b, *_tap_bounds(t, strides, v_spatial), c), (1, *strides, 1))
+        for t in taps
+    ]
+    return jnp.stack(cols, axis=-2)
+
+
+def _tap_sum(z, v_spatial, k_spatial, strides, padding, tap_axis):
+    """``sum_t z[..., s*o + t - lo, ...]`` at tap ``t`` of axis ``tap_axis`` (dropped): the
+    narrow side's per-tap products added into each output. ``z`` is ``[B, *U, K, c]``
+    (``tap_axis=-2``) or ``[K, c, B, *U]`` (``tap_axis=0``)."""
+    nsp = len(v_spatial)
+    first = 1 if tap_axis == -2 else 3  # first spatial axis
+    u_spatial = z.shape[first : first + nsp]
+    pads = _tap_pads(u_spatial, v_spatial, k_spatial, strides, padding)
+    cfg = [(0, 0, 0)] * z.ndim
+    cfg[first : first + nsp] = pads
+    zp = lax.pad(z, jnp.zeros((), z.dtype), cfg)
+    axis = tap_axis % z.ndim
+    out = None
+    for j, t in enumerate(itertools.product(*map(range, k_spatial))):
+        start, limit, step = [0] * z.ndim, list(zp.shape), [1] * z.ndim
+        start[first : first + nsp] = t
+        limit[first : first + nsp] = _tap_bounds(t, strides, v_spatial)
+        step[first : first + nsp] = strides
+        start[axis], limit[axis] = j, j + 1
+        piece = lax.slice(zp, start, limit, step)
+        out = piece if out is None else out + piece
+    return out.squeeze(axis)
+
+
+def _mm(a, b, ca: int, cb: int, precision):
+    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision)
+
+
+def _narrow_conv(u, w, *, strides, padding, precision):
+    """The convolution with one output channel: per-tap products of ``u`` (one matmul, laid
+    out tap-major), added up tap by tap."""
+    nsp = u.ndim - 2
+    ks, (ci, co) = w.shape[:nsp], w.shape[-2:]
+    k = math.prod(ks)
+    vs = _out_spatial(u.shape[1:-1], ks, strides, padding)
+    wt = jnp.swapaxes(w.reshape(k, ci, co), 1, 2).reshape(k * co, ci)
+    z = _mm(wt, u.reshape(-1, ci), 1, 1, precision).reshape(k, co, *u.shape[:-1])
+    return jnp.moveaxis(_tap_sum(z, vs, ks, strides, padding, tap_axis=0), 0, -1)
+
+
+def _narrow_convt(v, w, *, strides, padding, precision, u_spatial):
+    """The transposed convolution onto one channel: per-tap products of ``v`` (one matmul),
+    scattered back to the taps' pixels (the transpose of :func:`_patches`)."""
+    nsp = v.ndim - 2
+    ks, (ci, co) = w.shape[:nsp], w.shape[-2:]
+    k, b, vs = math.prod(ks), v.shape[0], v.shape[1:-1]
+    y = _mm(v.reshape(-1, co), w.reshape(k * ci, co), 1, 1, precision)
+    u_aval = jax.ShapeDtypeStruct((b, *u_spatial, ci), v.dtype)
+    scatter = jax.linear_transpose(
+        partial(_patches, v_spatial=vs, k_spatial=ks, strides=strides, padding=padding), u_aval
+    )
+    return scatter(y.reshape(b, *vs, k, ci))[0]
+
+
+def _narrow_kgrad(u, v, *, strides, padding, precision, k_spatial):
+    """The kernel gradient with one channel on either side: the narrow side's taps gathered
+    (``u``'s patches) or scattered (``v`` at each tap's pixels), then one matmul over pixels."""
+    (ci, co), k, vs = (u.shape[-1], v.shape[-1]), math.prod(k_spatial), v.shape[1:-1]
+    if ci <= co:
+        p = _patches(u, vs, k_spatial, strides, padding).reshape(-1, k * ci)
+        return _mm(p, v.reshape(-1, co), 0, 0, precision).reshape(*k_spatial, ci, co)
+    z_aval = jax.ShapeDtypeStruct((*u.shape[:-1], k, co), v.dtype)
+    add = partial(
+        _tap_sum, v_spatial=vs, k_spatial=k_spatial, strides=strides, padding=padding, tap_axis=-2
+    )
+    z = jax.linear_transpose(add, z_aval)(v)[0]
+    w = _mm(u.reshape(-1, ci), z.reshape(-1, k * co), 0, 0, precision).reshape(ci, k, co)
+    return jnp.swapaxes(w, 0, 1).reshape(*k_spatial, ci, co)
+
+
+#: A side with at most this many channels is "narrow" (see :func:`_narrow_conv`).
+NARROW_MAX = 1
+
+
+def _conv_lowering(u, w, **params):
+    if w.shape[-1] <= NARROW_MAX < w.shape[-2]:
+        return _narrow_conv(u, w, **params)
+    return _conv_impl(u, w, **params)
+
+
+def _convt_lowering(v, w, **params):
+    if w.shape[-2] <= NARROW_MAX < w.shape[-1]:
+        return _narrow_convt(v, w, **params)
+    return _convt_impl(v, w, **params)
+
+
+def _kgrad_lowering(u, v, **params):
+    if min(u.shape[-1], v.shape[-1]) <= NARROW_MAX:
+        return _narrow_kgrad(u, v, **params)
+    return _kgrad_impl(u, v, **params)
+
+
 def _out_spatial(u_spatial, k_spatial, strides, padding):
     return tuple(
         (n + lo + hi - k) // s + 1
@@ -217,12 +342,13 @@ def _kgrad_abstract(u, v, *, strides, padding, precision, k_spatial):
 conv_p.def_abstract_eval(_conv_abstract)
 convt_p.def_abstract_eval(_convt_abstract)
 kgrad_p.def_abstract_eval(_kgrad_abstract)
-conv_p.def_impl(_conv_impl)
-convt_p.def_impl(_convt_impl)
-kgrad_p.def_impl(_kgrad_impl)
-mlir.register_lowering(conv_p, mlir.lower_fun(_conv_impl, multiple_results=False))
-mlir.register_lowering(convt_p, mlir.lower_fun(_convt_impl, multiple_results=False))
-mlir.register_lowering(kgrad_p, mlir.lower_fun(_kgrad_impl, multiple_results=False))
+for _p, _lowering in [
+    (conv_p, _conv_lowering),
+    (convt_p, _convt_lowering),
+    (kgrad_p, _kgrad_lowering),
+]:
+    _p.def_impl(_lowering)
+    mlir.register_lowering(_p, mlir.lower_fun(_lowering, multiple_results=False))
 
 
 def _nsp(x) -> int:
