@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ggans.bench import _synthetic
 from ggans.gan import GanSpec
 from ggans.replicas import init_replicas
-from ggans.training import RoundSpec, _compiled_round, make_round
+from ggans.training import RoundSpec, compiled_round, make_round
 
 
 def _shape(text: str) -> list[int]:
@@ -134,7 +134,7 @@ def main() -> None:
             jax.block_until_ready(state)
         own, calls = self_times(glob.glob(f"{log_dir}/**/*.json.gz", recursive=True)[0])
     active = jnp.ones((n,), bool)
-    lowered = _compiled_round.lower(
+    lowered = compiled_round().lower(
         spec, state, shards, jax.random.key(1), jnp.asarray(0, jnp.int32), active
     )
     info, flops = hlo_index(lowered.compile().as_text())

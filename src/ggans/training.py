@@ -167,8 +167,27 @@ def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key, r, activ
     return state, RoundInfo(metrics, traffic, finite)
 
 
-# One compiled function per (RoundSpec, shapes), shared by every run in the process.
-_compiled_round = jax.jit(_round, static_argnums=0, donate_argnums=1)
+# On XLA's CPU backend, copy insertion with region analysis keeps fewer copies of the state in
+# the loop body (the paper model's step: two of its four copies of 25.7 MB kernels go), which
+# measured 5-6% faster a step at N = 10.
+CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def _jit_round(options: dict | None) -> Callable:
+    try:
+        return jax.jit(_round, static_argnums=0, donate_argnums=1, compiler_options=options)
+    except TypeError:  # a jax without per-function compiler options
+        return jax.jit(_round, static_argnums=0, donate_argnums=1)
+
+
+# One compiled function per (RoundSpec, shapes) and backend, shared by every run in the process.
+_jitted = {"cpu": _jit_round(CPU_COMPILER_OPTIONS), None: _jit_round(None)}
+
+
+def compiled_round() -> Callable:
+    """The jitted ``_round(spec, state, shards, train_key, r, active)`` for the default
+    backend (with :data:`CPU_COMPILER_OPTIONS` on the CPU); its ``.lower`` is for profiling."""
+    return _jitted.get(jax.default_backend(), _jitted[None])
 
 
 def make_round(spec: RoundSpec):
@@ -179,10 +198,12 @@ def make_round(spec: RoundSpec):
     are donated: a round updates them in place.
     """
 
+    compiled = compiled_round()
+
     def round_fn(state, shards, train_key, r, active=None):
         if active is None:
             active = jnp.ones(shards.size.shape, bool)
-        return _compiled_round(spec, state, shards, train_key, jnp.asarray(r, jnp.int32), active)
+        return compiled(spec, state, shards, train_key, jnp.asarray(r, jnp.int32), active)
 
     return round_fn
 
