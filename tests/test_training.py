@@ -128,3 +128,13 @@ def test_cpu_compiler_options_keep_fewer_copies_and_the_same_result():
     out_tuned = tuned(spec, copy(state), *args[2:])
     for a, b in zip(jax.tree.leaves(out_plain), jax.tree.leaves(out_tuned), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_all_finite_flags_inf_and_nan_but_not_large_values():
+    from ggans.training import _all_finite
+
+    big = np.full((5, 3), 3e38, np.float32)  # finite, though their sum overflows
+    for i, bad in [(1, np.inf), (2, -np.inf), (3, np.nan)]:
+        big[i, i - 1] = bad
+    tree = {"w": jax.numpy.asarray(big), "steps": jax.numpy.arange(5)}
+    assert np.asarray(_all_finite(tree)).tolist() == [True, False, False, False, True]

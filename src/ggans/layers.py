@@ -31,6 +31,10 @@ activation with shared weights is folded into the batch axis, a shared activatio
 weights into the channel axis, and when both are batched (stacked replicas) the replicas run
 as N ordinary convolutions in a ``lax.map`` (or unrolled; see ``UNROLL_MAX``).
 
+Where one side has a single channel (MNIST's image layers), the slots that ran slowly as
+convolutions (the product onto the single channel, and the kernel gradient) are matmuls over
+the kernel's taps instead (see ``NARROW_MAX``).
+
 The lowerings spell out the layouts XLA's CPU backend runs fast (its YNNPACK convolutions):
 XLA only rewrites the kernel-gradient convolution that autodiff emits into such a form at the
 top level of a program, not inside a loop body (``lax.scan``/``fori_loop``/``lax.map``), where it
@@ -180,10 +184,11 @@ def _kgrad_impl(u, v, *, strides, padding, precision, k_spatial):
 
 
 # A layer with a single channel on one side (MNIST's image layers: the discriminator's first
-# convolution and the generator's last) is too narrow for a convolution to run well: its one
-# channel fills a whole vector lane per pixel. Its slots are run as products over the
-# ``K = prod(k)`` taps instead: the taps of the narrow side are gathered (or scattered) with
-# strided slices, and the contraction over the wide side's channels is one matmul.
+# convolution and the generator's last) runs two of its slots slowly as convolutions: the
+# product onto the single channel and the kernel gradient (8-40 GFLOP/s in place). These run
+# as products over the ``K = prod(k)`` taps instead: the narrow side's taps are gathered (or
+# scattered) with strided slices, and the contraction over the wide side's channels is one
+# matmul (alone, 2-4x faster). The product from the single channel stays a convolution.
 def _tap_bounds(t, strides, v_spatial):
     return [tt + s * (m - 1) + 1 for tt, s, m in zip(t, strides, v_spatial)]
 
@@ -281,7 +286,7 @@ def _narrow_kgrad(u, v, *, strides, padding, precision, k_spatial):
     return jnp.swapaxes(w, 0, 1).reshape(*k_spatial, ci, co)
 
 
-#: A side with at most this many channels is "narrow" (see :func:`_narrow_conv`).
+#: A side with at most this many channels is narrow (the comment above :func:`_tap_bounds`).
 NARROW_MAX = 1
 
 
