@@ -116,11 +116,11 @@ def exchange(
 
 
 def _all_finite(tree) -> jax.Array:
-    """[N] bool: every float leaf of machine i finite. ``x * 0`` is 0 where ``x`` is finite and
-    NaN where not, so one fused multiply-and-sum per leaf (no boolean array of the state's size,
-    no overflow from large finite values) decides it."""
+    """[N] bool: every float leaf of machine i finite. ``x - x`` is 0 where ``x`` is finite and
+    NaN where not, so one fused pass per leaf decides it (no boolean array, or broadcast zeros,
+    of the state's size; no overflow from large finite values)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    per_leaf = [jnp.isfinite(jnp.sum(x.reshape(x.shape[0], -1) * 0, axis=1)) for x in leaves]
+    per_leaf = [jnp.isfinite(jnp.sum(x - x, axis=tuple(range(1, x.ndim)))) for x in leaves]
     return jnp.stack(per_leaf).all(axis=0)
 
 
