@@ -108,6 +108,7 @@ def test_chunked_round_equals_one_vmap():
         np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-6)  # the penalty cancels digits
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options only")
 def test_cpu_compiler_options_keep_fewer_copies_and_the_same_result():
     """On the CPU the round is compiled with ``CPU_COMPILER_OPTIONS``: fewer buffer copies in the
     compiled program, and bit for bit the same state."""
