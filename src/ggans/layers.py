@@ -240,7 +240,7 @@ def _tap_sum(z, v_spatial, k_spatial, strides, padding, tap_axis):
     return out.squeeze(axis)
 
 
-def _mm(a, b, ca: int, cb: int, precision):
+def _dot(a, b, ca: int, cb: int, precision):
     return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision)
 
 
@@ -252,7 +252,7 @@ def _narrow_conv(u, w, *, strides, padding, precision):
     k = math.prod(ks)
     vs = _out_spatial(u.shape[1:-1], ks, strides, padding)
     wt = jnp.swapaxes(w.reshape(k, ci, co), 1, 2).reshape(k * co, ci)
-    z = _mm(wt, u.reshape(-1, ci), 1, 1, precision).reshape(k, co, *u.shape[:-1])
+    z = _dot(wt, u.reshape(-1, ci), 1, 1, precision).reshape(k, co, *u.shape[:-1])
     return jnp.moveaxis(_tap_sum(z, vs, ks, strides, padding, tap_axis=0), 0, -1)
 
 
@@ -262,7 +262,7 @@ def _narrow_convt(v, w, *, strides, padding, precision, u_spatial):
     nsp = v.ndim - 2
     ks, (ci, co) = w.shape[:nsp], w.shape[-2:]
     k, b, vs = math.prod(ks), v.shape[0], v.shape[1:-1]
-    y = _mm(v.reshape(-1, co), w.reshape(k * ci, co), 1, 1, precision)
+    y = _dot(v.reshape(-1, co), w.reshape(k * ci, co), 1, 1, precision)
     u_aval = jax.ShapeDtypeStruct((b, *u_spatial, ci), v.dtype)
     scatter = jax.linear_transpose(
         partial(_patches, v_spatial=vs, k_spatial=ks, strides=strides, padding=padding), u_aval
@@ -276,13 +276,13 @@ def _narrow_kgrad(u, v, *, strides, padding, precision, k_spatial):
     (ci, co), k, vs = (u.shape[-1], v.shape[-1]), math.prod(k_spatial), v.shape[1:-1]
     if ci <= co:
         p = _patches(u, vs, k_spatial, strides, padding).reshape(-1, k * ci)
-        return _mm(p, v.reshape(-1, co), 0, 0, precision).reshape(*k_spatial, ci, co)
+        return _dot(p, v.reshape(-1, co), 0, 0, precision).reshape(*k_spatial, ci, co)
     z_aval = jax.ShapeDtypeStruct((*u.shape[:-1], k, co), v.dtype)
     add = partial(
         _tap_sum, v_spatial=vs, k_spatial=k_spatial, strides=strides, padding=padding, tap_axis=-2
     )
     z = jax.linear_transpose(add, z_aval)(v)[0]
-    w = _mm(u.reshape(-1, ci), z.reshape(-1, k * co), 0, 0, precision).reshape(ci, k, co)
+    w = _dot(u.reshape(-1, ci), z.reshape(-1, k * co), 0, 0, precision).reshape(ci, k, co)
     return jnp.swapaxes(w, 0, 1).reshape(*k_spatial, ci, co)
 
 
@@ -714,10 +714,6 @@ class ConvTranspose(Module):
 # elementwise passes, which then read the kernel gradient (25.7 MB for the paper's big layers)
 # column by column, 8-15x slower. Each slot's VJP here is another slot, so gradients of every
 # order are products written in the layout they are used in.
-def _dot(a, b, ca: int, cb: int, precision):
-    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: Array, w: Array, precision: PrecisionLike = None) -> Array:
     """``x [B, i] @ w [i, o] -> [B, o]``."""
