@@ -268,13 +268,14 @@ def _conv_ops(hlo_text):
 @pytest.mark.parametrize("name,kind,shape,kw", GAN_CASES, ids=[c[0] for c in GAN_CASES])
 def test_no_slow_convolutions_emitted(name, kind, shape, kw):
     """Under vmap and second order, only ungrouped, input-undilated convolutions are emitted
-    (grouped ones and input-dilated ones are the slow cases of XLA's CPU backend)."""
+    (grouped ones and input-dilated ones are the slow cases of XLA's CPU backend), if any: on
+    the CPU a wide layer's slots are oneDNN calls instead (``ggans.onednn``)."""
     _, new, params, x = _setup(kind, shape, kw, batch=2)
     P = _stack([params, params])
     X = jnp.stack([x, x])
     text = jax.jit(jax.vmap(_second_order(new))).lower(P, X).as_text()
     convs = _conv_ops(text)
-    assert convs
+    assert convs or "ggans_onednn_conv" in text
     for line in convs:
         m = re.search(r"lhs_dilate = \[([\d, ]+)\]", line)
         assert m is None or set(m.group(1).replace(" ", "").split(",")) == {"1"}, line

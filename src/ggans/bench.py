@@ -237,6 +237,10 @@ def run_one(job: dict) -> dict:
 
     out["device"] = str(jax.devices()[0].device_kind)
     out["jax"] = jax.__version__
+    if jax.default_backend() == "cpu":
+        from ggans import onednn
+
+        out["onednn"] = onednn.status()
     return out
 
 

@@ -61,6 +61,8 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from ggans import onednn
+
 __all__ = [
     "Conv",
     "ConvTranspose",
@@ -290,21 +292,36 @@ def _narrow_kgrad(u, v, *, strides, padding, precision, k_spatial):
 NARROW_MAX = 1
 
 
-def _conv_lowering(u, w, **params):
+def _on_onednn(a, b, ci: int, co: int, params) -> bool:
+    """On the CPU, wide 2-d float32 slots run on oneDNN (a single-channel side stays on XLA,
+    which runs its remaining slot as fast)."""
+    return min(ci, co) > NARROW_MAX and onednn.available(a, b, padding=params["padding"])
+
+
+def _conv_lowering(u, w, *, cpu: bool = False, **params):
     if w.shape[-1] <= NARROW_MAX < w.shape[-2]:
         return _narrow_conv(u, w, **params)
+    if cpu and _on_onednn(u, w, w.shape[-2], w.shape[-1], params):
+        st, pad = params["strides"], params["padding"]
+        return onednn.conv(u, w, st, pad, _out_spatial(u.shape[1:-1], w.shape[:-2], st, pad))
     return _conv_impl(u, w, **params)
 
 
-def _convt_lowering(v, w, **params):
+def _convt_lowering(v, w, *, cpu: bool = False, **params):
     if w.shape[-2] <= NARROW_MAX < w.shape[-1]:
         return _narrow_convt(v, w, **params)
+    if cpu and _on_onednn(v, w, w.shape[-2], w.shape[-1], params):
+        st, pad = params["strides"], params["padding"]
+        return onednn.conv_backward_data(v, w, st, pad, params["u_spatial"])
     return _convt_impl(v, w, **params)
 
 
-def _kgrad_lowering(u, v, **params):
+def _kgrad_lowering(u, v, *, cpu: bool = False, **params):
     if min(u.shape[-1], v.shape[-1]) <= NARROW_MAX:
         return _narrow_kgrad(u, v, **params)
+    if cpu and _on_onednn(u, v, u.shape[-1], v.shape[-1], params):
+        st, pad = params["strides"], params["padding"]
+        return onednn.conv_backward_weights(u, v, st, pad, params["k_spatial"])
     return _kgrad_impl(u, v, **params)
 
 
@@ -354,6 +371,8 @@ for _p, _lowering in [
 ]:
     _p.def_impl(_lowering)
     mlir.register_lowering(_p, mlir.lower_fun(_lowering, multiple_results=False))
+    _cpu_lowering = mlir.lower_fun(partial(_lowering, cpu=True), multiple_results=False)
+    mlir.register_lowering(_p, _cpu_lowering, platform="cpu")
 
 
 def _nsp(x) -> int:

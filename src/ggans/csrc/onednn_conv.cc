@@ -1,0 +1,179 @@
+// oneDNN convolutions as XLA FFI handlers for the CPU backend (see ggans/onednn.py).
+//
+// The three bilinear slots of a 2-d strided convolution (ggans.layers' conv_p, convt_p and
+// kgrad_p) are oneDNN's forward, backward-data and backward-weights primitives. Activations are
+// channels last ([B, H, W, C], oneDNN's nhwc); kernels are [kh, kw, ci, co] (oneDNN's hwio) and
+// are reordered to and from the layout each primitive prefers. Primitives are built once per
+// geometry and thread, with a per-thread scratchpad and weights buffer.
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = memory::format_tag;
+
+namespace {
+
+enum Slot { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+// slot, B, H, W, ci, Ho, Wo, co, kh, kw, sh, sw, pad top, pad left, pad bottom, pad right
+using Key = std::array<int64_t, 16>;
+
+struct Plan {
+  dnnl::primitive prim;
+  memory::desc act, out, wei;  // act: [B, H, W, ci]; out: [B, Ho, Wo, co]; wei: the primitive's
+  memory::desc user_wei;       // the kernel as XLA holds it, [kh, kw, ci, co]
+  dnnl::reorder wei_reorder;   // user_wei -> wei (forward, backward data) or back (weights)
+  bool reorder_wei = false;
+  size_t scratch_bytes = 0;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+std::shared_ptr<Plan> MakePlan(const Key& k) {
+  const auto f32 = memory::data_type::f32;
+  memory::dims src{k[1], k[4], k[2], k[3]}, dst{k[1], k[7], k[5], k[6]};
+  memory::dims wei{k[7], k[4], k[8], k[9]}, strides{k[10], k[11]};
+  memory::dims pad_l{k[12], k[13]}, pad_r{k[14], k[15]};
+  auto plan = std::make_shared<Plan>();
+  plan->act = memory::desc(src, f32, tag::nhwc);
+  plan->out = memory::desc(dst, f32, tag::nhwc);
+  plan->user_wei = memory::desc(wei, f32, tag::hwio);
+  auto any_wei = memory::desc(wei, f32, tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto& eng = Engine();
+  auto fwd = dnnl::convolution_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, plan->act,
+      any_wei, plan->out, strides, pad_l, pad_r, attr);
+  if (k[0] == kFwd) {
+    plan->wei = fwd.weights_desc();
+    plan->prim = dnnl::convolution_forward(fwd);
+    plan->scratch_bytes = fwd.scratchpad_desc().get_size();
+  } else if (k[0] == kBwdData) {
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, plan->act, any_wei, plan->out, strides, pad_l,
+        pad_r, fwd, attr);
+    plan->wei = pd.weights_desc();
+    plan->prim = dnnl::convolution_backward_data(pd);
+    plan->scratch_bytes = pd.scratchpad_desc().get_size();
+  } else {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, plan->act, any_wei, plan->out, strides, pad_l,
+        pad_r, fwd, attr);
+    plan->wei = pd.diff_weights_desc();
+    plan->prim = dnnl::convolution_backward_weights(pd);
+    plan->scratch_bytes = pd.scratchpad_desc().get_size();
+  }
+  plan->reorder_wei = plan->wei != plan->user_wei;
+  if (plan->reorder_wei) {
+    memory prim_wei(plan->wei, eng), user_wei(plan->user_wei, eng);
+    plan->wei_reorder = k[0] == kBwdWeights ? dnnl::reorder(prim_wei, user_wei)
+                                            : dnnl::reorder(user_wei, prim_wei);
+  }
+  return plan;
+}
+
+// Plans are per thread (XLA may run two calls at once), so no primitive is ever shared.
+std::shared_ptr<Plan> GetPlan(const Key& k) {
+  thread_local std::map<Key, std::shared_ptr<Plan>> plans;
+  auto it = plans.find(k);
+  if (it != plans.end()) return it->second;
+  auto plan = MakePlan(k);
+  plans.emplace(k, plan);
+  return plan;
+}
+
+// act: [B, H, W, ci]; out: [B, Ho, Wo, co]; wei: [kh, kw, ci, co]. Exactly one is the result.
+ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const int64_t> act_dims,
+               ffi::Span<const int64_t> out_dims, ffi::Span<const int64_t> wei_dims,
+               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pads) {
+  if (act_dims.size() != 4 || out_dims.size() != 4 || wei_dims.size() != 4 ||
+      strides.size() != 2 || pads.size() != 4) {
+    return ffi::Error::InvalidArgument("ggans oneDNN conv: 2-d convolutions only");
+  }
+  Key k{slot,        act_dims[0], act_dims[1], act_dims[2], act_dims[3], out_dims[1],
+        out_dims[2], out_dims[3], wei_dims[0], wei_dims[1], strides[0],  strides[1],
+        pads[0],     pads[1],     pads[2],     pads[3]};
+  try {
+    auto plan = GetPlan(k);
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    thread_local std::vector<char> scratch, weights;
+    if (scratch.size() < plan->scratch_bytes) scratch.resize(plan->scratch_bytes);
+    if (weights.size() < plan->wei.get_size()) weights.resize(plan->wei.get_size());
+    memory m_act(plan->act, eng, act), m_out(plan->out, eng, out);
+    memory m_user(plan->user_wei, eng, wei);
+    memory m_wei = m_user;
+    if (plan->reorder_wei) m_wei = memory(plan->wei, eng, weights.data());
+    std::unordered_map<int, memory> args;
+    if (plan->scratch_bytes > 0) {
+      memory::desc bytes({static_cast<int64_t>(plan->scratch_bytes)}, memory::data_type::u8, tag::x);
+      args[DNNL_ARG_SCRATCHPAD] = memory(bytes, eng, scratch.data());
+    }
+    if (slot == kFwd) {
+      args[DNNL_ARG_SRC] = m_act;
+      args[DNNL_ARG_DST] = m_out;
+      args[DNNL_ARG_WEIGHTS] = m_wei;
+    } else if (slot == kBwdData) {
+      args[DNNL_ARG_DIFF_SRC] = m_act;
+      args[DNNL_ARG_DIFF_DST] = m_out;
+      args[DNNL_ARG_WEIGHTS] = m_wei;
+    } else {
+      args[DNNL_ARG_SRC] = m_act;
+      args[DNNL_ARG_DIFF_DST] = m_out;
+      args[DNNL_ARG_DIFF_WEIGHTS] = m_wei;
+    }
+    if (slot != kBwdWeights && plan->reorder_wei) plan->wei_reorder.execute(stream, m_user, m_wei);
+    plan->prim.execute(stream, args);
+    if (slot == kBwdWeights && plan->reorder_wei) plan->wei_reorder.execute(stream, m_wei, m_user);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("ggans oneDNN conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using Ints = ffi::Span<const int64_t>;
+
+ffi::Error ConvFwd(F32 u, F32 w, ffi::ResultBuffer<ffi::F32> v, Ints strides, Ints pads) {
+  return Run(kFwd, u.typed_data(), v->typed_data(), w.typed_data(), u.dimensions(),
+             v->dimensions(), w.dimensions(), strides, pads);
+}
+
+ffi::Error ConvBwdData(F32 v, F32 w, ffi::ResultBuffer<ffi::F32> u, Ints strides, Ints pads) {
+  return Run(kBwdData, u->typed_data(), v.typed_data(), w.typed_data(), u->dimensions(),
+             v.dimensions(), w.dimensions(), strides, pads);
+}
+
+ffi::Error ConvBwdWeights(F32 u, F32 v, ffi::ResultBuffer<ffi::F32> w, Ints strides, Ints pads) {
+  return Run(kBwdWeights, u.typed_data(), v.typed_data(), w->typed_data(), u.dimensions(),
+             v.dimensions(), w->dimensions(), strides, pads);
+}
+
+}  // namespace
+
+#define GGANS_CONV_HANDLER(name, fn)                                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, fn,                                             \
+                                ffi::Ffi::Bind()                                      \
+                                    .Arg<F32>()                                       \
+                                    .Arg<F32>()                                       \
+                                    .Ret<F32>()                                       \
+                                    .Attr<Ints>("strides")                            \
+                                    .Attr<Ints>("pads"))
+
+GGANS_CONV_HANDLER(GgansConvFwd, ConvFwd);
+GGANS_CONV_HANDLER(GgansConvBwdData, ConvBwdData);
+GGANS_CONV_HANDLER(GgansConvBwdWeights, ConvBwdWeights);

@@ -1,0 +1,137 @@
+"""oneDNN's convolutions inside XLA's CPU programs, as XLA FFI custom calls.
+
+On the CPU, XLA runs the paper's wide convolutions (64 -> 128 channels and the generator's
+transposed ones) at 70-130 GFLOP/s in place; oneDNN, which PyTorch calls for the same layers,
+runs them at 200-360. :mod:`ggans.layers` lowers its three convolution primitives (the forward
+convolution, its transpose in the input and its transpose in the kernel) to oneDNN's forward,
+backward-data and backward-weights primitives when :func:`available` is true: a float32, 2-d
+convolution with non-negative padding, on the CPU.
+
+The kernels (``csrc/onednn_conv.cc``) are compiled on first use with the system's C++ compiler
+against jaxlib's FFI headers and the oneDNN of the ``onednn-cpu-gomp`` wheels, and cached in
+``$GGANS_CACHE_DIR`` (default ``~/.cache/ggans``). Without a compiler or those wheels, or with
+``GGANS_ONEDNN=0``, everything runs on XLA's own convolutions, with the same results to float32
+rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+__all__ = ["available", "conv", "conv_backward_data", "conv_backward_weights", "status"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "onednn_conv.cc"
+TARGETS = {
+    "fwd": ("ggans_onednn_conv_fwd", "GgansConvFwd"),
+    "bwd_data": ("ggans_onednn_conv_bwd_data", "GgansConvBwdData"),
+    "bwd_weights": ("ggans_onednn_conv_bwd_weights", "GgansConvBwdWeights"),
+}
+
+
+def _wheel_file(dist: str, suffix: str) -> Path:
+    for f in importlib.metadata.files(dist) or ():
+        if str(f).endswith(suffix):
+            return Path(f.locate()).resolve()
+    raise FileNotFoundError(f"{suffix} not in the {dist} wheel")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("GGANS_CACHE_DIR"):
+        return Path(os.environ["GGANS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ggans"
+
+
+def _build() -> Path:
+    """Compile the kernels (once per source, jax and oneDNN), returning the shared library."""
+    lib = _wheel_file("onednn-cpu-gomp", "libdnnl.so.3")
+    header = _wheel_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
+    include = header.parent.parent.parent
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise FileNotFoundError("no C++ compiler (g++ or $CXX)")
+    cmd = [
+        cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+        f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE),
+        f"-L{lib.parent}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib.parent}",
+    ]  # fmt: skip
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join([*cmd, jax.__version__, sys.version]).encode()
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"onednn_conv-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        done = subprocess.run([*cmd, "-o", str(so)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
+        os.replace(so, out)  # atomic: concurrent builders agree on the result
+    return out
+
+
+@functools.cache
+def status() -> str:
+    """``"ready"`` once the kernels are built and registered, else why they are not used."""
+    if os.environ.get("GGANS_ONEDNN", "1") == "0":
+        return "off (GGANS_ONEDNN=0)"
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        for name, symbol in TARGETS.values():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
+    except importlib.metadata.PackageNotFoundError as e:  # e.g. not Linux x86-64
+        log.info("oneDNN convolutions unavailable (no %s wheel); using XLA's", e)
+        return f"unavailable: no {e} wheel"
+    except (OSError, RuntimeError, AttributeError) as e:  # no compiler, failed build, old jax
+        log.warning("oneDNN convolutions unavailable (%s); using XLA's, which are slower", e)
+        return f"unavailable: {e}"
+    return "ready"
+
+
+def available(*arrays: jax.Array, padding) -> bool:
+    """Whether a convolution on these operands (and explicit ``padding`` pairs) runs on oneDNN."""
+    return (
+        all(a.dtype == np.float32 and a.ndim == 4 for a in arrays)
+        and all(lo >= 0 and hi >= 0 for lo, hi in padding)
+        and status() == "ready"
+    )
+
+
+def _call(slot: str, shape: tuple[int, ...], a, b, strides, padding):
+    pads = np.asarray([p[0] for p in padding] + [p[1] for p in padding], np.int64)
+    out = jax.ShapeDtypeStruct(shape, a.dtype)
+    return jax.ffi.ffi_call(TARGETS[slot][0], out)(
+        a, b, strides=np.asarray(strides, np.int64), pads=pads
+    )
+
+
+def conv(u, w, strides, padding, v_spatial):
+    """``u [B, H, W, ci]`` convolved with ``w [kh, kw, ci, co]`` -> ``[B, *v_spatial, co]``."""
+    return _call("fwd", (u.shape[0], *v_spatial, w.shape[-1]), u, w, strides, padding)
+
+
+def conv_backward_data(v, w, strides, padding, u_spatial):
+    """The convolution's transpose in its input: ``v [B, Ho, Wo, co]`` -> ``[B, *u_spatial, ci]``
+    (a transposed convolution)."""
+    return _call("bwd_data", (v.shape[0], *u_spatial, w.shape[-2]), v, w, strides, padding)
+
+
+def conv_backward_weights(u, v, strides, padding, k_spatial):
+    """The convolution's transpose in its kernel: ``(u, v)`` -> ``[*k_spatial, ci, co]``."""
+    return _call("bwd_weights", (*k_spatial, u.shape[-1], v.shape[-1]), u, v, strides, padding)

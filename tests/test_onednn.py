@@ -1,0 +1,138 @@
+"""ggans.onednn: oneDNN's convolution slots equal XLA's, the layers lower to them on the CPU, and
+everything falls back to XLA's convolutions when oneDNN is off or missing."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ggans import layers, onednn
+
+needs_onednn = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or onednn.status() != "ready",
+    reason=f"oneDNN kernels not in use here: {onednn.status()} on {jax.default_backend()}",
+)
+
+# (input shape [B, H, W, ci], co, kernel, strides, padding)
+GEOMETRIES = [
+    ((4, 14, 14, 64), 128, (4, 4), (2, 2), ((1, 1), (1, 1))),  # the discriminator's second conv
+    ((4, 14, 14, 64), 128, (4, 4), (1, 1), ((2, 1), (2, 1))),  # the generator's first, transposed
+    ((4, 28, 28, 32), 64, (4, 4), (1, 1), ((2, 1), (2, 1))),  # the generator's second, transposed
+    ((3, 9, 11, 5), 6, (3, 2), (2, 3), ((0, 2), (1, 0))),
+    ((2, 10, 7, 3), 4, (5, 3), (3, 1), ((2, 2), (0, 1))),
+]
+
+
+def _max_rel_err(a, b) -> float:
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}->{g[1]}s{g[3]}")
+def test_slots_equal_xla(geometry):
+    """Forward, backward-data and backward-weights equal XLA's convolution and its transposes
+    (float32: to 1e-5 of the largest value; sums run over up to 3,136 terms)."""
+    shape, co, ks, strides, padding = geometry
+    k = jax.random.split(jax.random.key(0), 3)
+    u = jax.random.normal(k[0], shape)
+    w = jax.random.normal(k[1], (*ks, shape[-1], co))
+    kw = dict(strides=strides, padding=padding, precision=jax.lax.Precision.HIGHEST)
+    v_ref = layers._conv_impl(u, w, **kw)
+    v = jax.random.normal(k[2], v_ref.shape)
+    u_ref = layers._convt_impl_xla(v, w, **kw, u_spatial=shape[1:-1])
+    w_ref = layers._kgrad_impl_xla(u, v, **kw, k_spatial=ks)
+    got = jax.jit(
+        lambda u, v, w: (
+            onednn.conv(u, w, strides, padding, v_ref.shape[1:-1]),
+            onednn.conv_backward_data(v, w, strides, padding, shape[1:-1]),
+            onednn.conv_backward_weights(u, v, strides, padding, ks),
+        )
+    )(u, v, w)
+    names = ("forward", "backward data", "backward weights")
+    for name, new, ref in zip(names, got, (v_ref, u_ref, w_ref), strict=True):
+        assert new.shape == ref.shape and new.dtype == jnp.float32, name
+        assert _max_rel_err(new, ref) < 1e-5, name
+
+
+def _wgangp_grads(x, w1, w2):
+    """Two wide layers (a conv and a transposed conv), differentiated twice as WGAN-GP does."""
+
+    def critic(x, w1, w2):
+        h = jnp.tanh(layers.conv(x, w1, strides=2, padding=((1, 1), (1, 1))))
+        return jnp.sum(jnp.sin(layers.conv_transpose(h, w2, strides=2)))
+
+    def penalty(w1, w2):
+        gx = jax.grad(critic)(x, w1, w2)
+        return jnp.mean((jnp.sqrt(jnp.sum(gx**2, axis=(1, 2, 3)) + 1e-10) - 1.0) ** 2)
+
+    return jax.grad(penalty, argnums=(0, 1))(w1, w2)
+
+
+@needs_onednn
+def test_layers_lower_to_onednn_and_keep_their_gradients(monkeypatch):
+    """On the CPU a wide layer's slots of every order are oneDNN calls, not convolutions, and the
+    second-order gradients equal those of the XLA lowering (GGANS_ONEDNN=0)."""
+    k = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k[0], (3, 14, 14, 8))
+    w1 = 0.2 * jax.random.normal(k[1], (4, 4, 8, 16))
+    w2 = 0.2 * jax.random.normal(k[2], (4, 4, 16, 8))
+    fast = jax.jit(_wgangp_grads)
+    text = fast.lower(x, w1, w2).as_text()
+    assert "ggans_onednn_conv_fwd" in text and "ggans_onednn_conv_bwd_weights" in text
+    assert "ggans_onednn_conv_bwd_data" in text
+    assert "stablehlo.convolution" not in text
+    with_onednn = fast(x, w1, w2)
+
+    monkeypatch.setenv("GGANS_ONEDNN", "0")
+    onednn.status.cache_clear()
+    try:
+        slow = jax.jit(lambda *a: _wgangp_grads(*a))  # a new function: traced afresh
+        assert "ggans_onednn" not in slow.lower(x, w1, w2).as_text()
+        without = slow(x, w1, w2)
+    finally:
+        onednn.status.cache_clear()
+    for a, b in zip(with_onednn, without):
+        assert _max_rel_err(a, b) < 1e-5
+
+
+def test_missing_wheels_fall_back_to_xla(monkeypatch):
+    """Without the oneDNN wheels the status says why, and the layers run XLA's convolutions."""
+
+    def missing(dist, suffix):
+        raise importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(onednn, "_wheel_file", missing)
+    onednn.status.cache_clear()
+    try:
+        assert onednn.status().startswith("unavailable")
+        u, w = jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 2))
+        assert not onednn.available(u, w, padding=((1, 1), (1, 1)))
+        text = jax.jit(lambda u, w: layers.conv(u, w, padding="SAME")).lower(u, w).as_text()
+        assert "stablehlo.convolution" in text and "ggans_onednn" not in text
+    finally:
+        onednn.status.cache_clear()
+
+
+def test_only_float32_2d_non_negative_padding():
+    u32, w32 = jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 2))
+    ready = onednn.status() == "ready"
+    assert onednn.available(u32, w32, padding=((1, 1), (0, 2))) == ready
+    assert not onednn.available(u32, w32, padding=((1, 1), (-1, 0)))
+    assert not onednn.available(jnp.ones((1, 6, 3)), jnp.ones((3, 3, 2)), padding=((1, 1),))
+    with jax.enable_x64(True):
+        u64 = jnp.ones((1, 6, 6, 3), jnp.float64)
+        assert not onednn.available(u64, u64.astype(jnp.float64), padding=((1, 1), (1, 1)))
+
+
+@needs_onednn
+def test_build_is_cached(tmp_path, monkeypatch):
+    """The kernels compile once per cache folder; a second build reuses the library."""
+    monkeypatch.setenv("GGANS_CACHE_DIR", str(tmp_path))
+    first = onednn._build()
+    stamp = first.stat().st_mtime_ns
+    assert first.parent == tmp_path and first.suffix == ".so"
+    assert onednn._build() == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
