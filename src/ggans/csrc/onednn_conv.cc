@@ -8,7 +8,6 @@
 #include <array>
 #include <cstdint>
 #include <map>
-#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -41,58 +40,56 @@ dnnl::engine& Engine() {
   return eng;
 }
 
-std::shared_ptr<Plan> MakePlan(const Key& k) {
+Plan MakePlan(const Key& k) {
   const auto f32 = memory::data_type::f32;
   memory::dims src{k[1], k[4], k[2], k[3]}, dst{k[1], k[7], k[5], k[6]};
   memory::dims wei{k[7], k[4], k[8], k[9]}, strides{k[10], k[11]};
   memory::dims pad_l{k[12], k[13]}, pad_r{k[14], k[15]};
-  auto plan = std::make_shared<Plan>();
-  plan->act = memory::desc(src, f32, tag::nhwc);
-  plan->out = memory::desc(dst, f32, tag::nhwc);
-  plan->user_wei = memory::desc(wei, f32, tag::hwio);
+  Plan plan;
+  plan.act = memory::desc(src, f32, tag::nhwc);
+  plan.out = memory::desc(dst, f32, tag::nhwc);
+  plan.user_wei = memory::desc(wei, f32, tag::hwio);
   auto any_wei = memory::desc(wei, f32, tag::any);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto& eng = Engine();
   auto fwd = dnnl::convolution_forward::primitive_desc(
-      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, plan->act,
-      any_wei, plan->out, strides, pad_l, pad_r, attr);
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, plan.act,
+      any_wei, plan.out, strides, pad_l, pad_r, attr);
   if (k[0] == kFwd) {
-    plan->wei = fwd.weights_desc();
-    plan->prim = dnnl::convolution_forward(fwd);
-    plan->scratch_bytes = fwd.scratchpad_desc().get_size();
+    plan.wei = fwd.weights_desc();
+    plan.prim = dnnl::convolution_forward(fwd);
+    plan.scratch_bytes = fwd.scratchpad_desc().get_size();
   } else if (k[0] == kBwdData) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, plan->act, any_wei, plan->out, strides, pad_l,
+        eng, dnnl::algorithm::convolution_direct, plan.act, any_wei, plan.out, strides, pad_l,
         pad_r, fwd, attr);
-    plan->wei = pd.weights_desc();
-    plan->prim = dnnl::convolution_backward_data(pd);
-    plan->scratch_bytes = pd.scratchpad_desc().get_size();
+    plan.wei = pd.weights_desc();
+    plan.prim = dnnl::convolution_backward_data(pd);
+    plan.scratch_bytes = pd.scratchpad_desc().get_size();
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, plan->act, any_wei, plan->out, strides, pad_l,
+        eng, dnnl::algorithm::convolution_direct, plan.act, any_wei, plan.out, strides, pad_l,
         pad_r, fwd, attr);
-    plan->wei = pd.diff_weights_desc();
-    plan->prim = dnnl::convolution_backward_weights(pd);
-    plan->scratch_bytes = pd.scratchpad_desc().get_size();
+    plan.wei = pd.diff_weights_desc();
+    plan.prim = dnnl::convolution_backward_weights(pd);
+    plan.scratch_bytes = pd.scratchpad_desc().get_size();
   }
-  plan->reorder_wei = plan->wei != plan->user_wei;
-  if (plan->reorder_wei) {
-    memory prim_wei(plan->wei, eng), user_wei(plan->user_wei, eng);
-    plan->wei_reorder = k[0] == kBwdWeights ? dnnl::reorder(prim_wei, user_wei)
+  plan.reorder_wei = plan.wei != plan.user_wei;
+  if (plan.reorder_wei) {
+    memory prim_wei(plan.wei, eng), user_wei(plan.user_wei, eng);
+    plan.wei_reorder = k[0] == kBwdWeights ? dnnl::reorder(prim_wei, user_wei)
                                             : dnnl::reorder(user_wei, prim_wei);
   }
   return plan;
 }
 
 // Plans are per thread (XLA may run two calls at once), so no primitive is ever shared.
-std::shared_ptr<Plan> GetPlan(const Key& k) {
-  thread_local std::map<Key, std::shared_ptr<Plan>> plans;
+const Plan& GetPlan(const Key& k) {
+  thread_local std::map<Key, Plan> plans;
   auto it = plans.find(k);
-  if (it != plans.end()) return it->second;
-  auto plan = MakePlan(k);
-  plans.emplace(k, plan);
-  return plan;
+  if (it == plans.end()) it = plans.emplace(k, MakePlan(k)).first;
+  return it->second;
 }
 
 // act: [B, H, W, ci]; out: [B, Ho, Wo, co]; wei: [kh, kw, ci, co]. Exactly one is the result.
@@ -107,19 +104,19 @@ ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const in
         out_dims[2], out_dims[3], wei_dims[0], wei_dims[1], strides[0],  strides[1],
         pads[0],     pads[1],     pads[2],     pads[3]};
   try {
-    auto plan = GetPlan(k);
+    const Plan& plan = GetPlan(k);
     auto& eng = Engine();
     dnnl::stream stream(eng);
     thread_local std::vector<char> scratch, weights;
-    if (scratch.size() < plan->scratch_bytes) scratch.resize(plan->scratch_bytes);
-    if (weights.size() < plan->wei.get_size()) weights.resize(plan->wei.get_size());
-    memory m_act(plan->act, eng, act), m_out(plan->out, eng, out);
-    memory m_user(plan->user_wei, eng, wei);
+    if (scratch.size() < plan.scratch_bytes) scratch.resize(plan.scratch_bytes);
+    if (weights.size() < plan.wei.get_size()) weights.resize(plan.wei.get_size());
+    memory m_act(plan.act, eng, act), m_out(plan.out, eng, out);
+    memory m_user(plan.user_wei, eng, wei);
     memory m_wei = m_user;
-    if (plan->reorder_wei) m_wei = memory(plan->wei, eng, weights.data());
+    if (plan.reorder_wei) m_wei = memory(plan.wei, eng, weights.data());
     std::unordered_map<int, memory> args;
-    if (plan->scratch_bytes > 0) {
-      memory::desc bytes({static_cast<int64_t>(plan->scratch_bytes)}, memory::data_type::u8, tag::x);
+    if (plan.scratch_bytes > 0) {
+      memory::desc bytes({static_cast<int64_t>(plan.scratch_bytes)}, memory::data_type::u8, tag::x);
       args[DNNL_ARG_SCRATCHPAD] = memory(bytes, eng, scratch.data());
     }
     if (slot == kFwd) {
@@ -135,9 +132,9 @@ ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const in
       args[DNNL_ARG_DIFF_DST] = m_out;
       args[DNNL_ARG_DIFF_WEIGHTS] = m_wei;
     }
-    if (slot != kBwdWeights && plan->reorder_wei) plan->wei_reorder.execute(stream, m_user, m_wei);
-    plan->prim.execute(stream, args);
-    if (slot == kBwdWeights && plan->reorder_wei) plan->wei_reorder.execute(stream, m_wei, m_user);
+    if (slot != kBwdWeights && plan.reorder_wei) plan.wei_reorder.execute(stream, m_user, m_wei);
+    plan.prim.execute(stream, args);
+    if (slot == kBwdWeights && plan.reorder_wei) plan.wei_reorder.execute(stream, m_wei, m_user);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("ggans oneDNN conv: ") + e.what());
