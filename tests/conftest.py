@@ -1,4 +1,5 @@
-"""Shared fixtures: the MNIST folder (skip when absent) and small synthetic data."""
+"""Shared fixtures and helpers: the MNIST folder (skip when absent), small synthetic data, and a
+tolerance check for pytrees of arrays."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import jax.numpy as jnp  # noqa: E402  (after XLA_FLAGS)
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -47,3 +49,15 @@ def synthetic_shards(n: int, images: int = 64, seed: int = 0):
     return Shards(
         jnp.asarray(pics), jnp.asarray(index, jnp.int32), jnp.full((n,), images // n, jnp.int32)
     )
+
+
+def assert_close(a, b, rtol: float, what: str = "") -> None:
+    """Same tree, shapes and dtypes, and each leaf of ``b`` within ``rtol`` times the largest
+    magnitude of the matching leaf of ``a`` (the reference)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b), what
+    for x, y in zip(la, lb, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype, (what, x.shape, y.shape)
+        scale = float(jnp.max(jnp.abs(x))) + 1e-30
+        err = float(jnp.max(jnp.abs(x - y)))
+        assert err <= rtol * scale, f"{what}: max err {err:.3g} > {rtol} * {scale:.3g}"

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import assert_close
 from ggans import layers
 
 # (name, kind, input shape without batch, kwargs); the first five are the TF MNIST GAN's layers
@@ -122,16 +123,6 @@ def _second_order(m):
     return f
 
 
-def _assert_close(a, b, rtol, what=""):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert jax.tree.structure(a) == jax.tree.structure(b), what
-    for x, y in zip(la, lb, strict=True):
-        assert x.shape == y.shape and x.dtype == y.dtype, (what, x.shape, y.shape)
-        scale = float(jnp.max(jnp.abs(x))) + 1e-30
-        err = float(jnp.max(jnp.abs(x - y)))
-        assert err <= rtol * scale, f"{what}: max err {err:.3g} > {rtol} * {scale:.3g}"
-
-
 def _all_orders(m):
     """Values, first-order and second-order gradients, in one jitted function."""
     first, second = _first_order(m), _second_order(m)
@@ -145,22 +136,22 @@ def test_gradients_float64(name, kind, shape, kw):
         x = x.astype(jnp.float64)
         assert jax.tree.leaves(params)[0].dtype == jnp.float64
         key = jax.random.key(3)
-        _assert_close(ref.init(key, x), new.init(key, x), 0.0, "init")  # same initialisers
+        assert_close(ref.init(key, x), new.init(key, x), 0.0, "init")  # same initialisers
         out_ref = _all_orders(ref)(params, x)
         out_new = _all_orders(new)(params, x)
         for i, what in enumerate(["values", "grad", "second order"]):
-            _assert_close(out_ref[i], out_new[i], 1e-11, what)
+            assert_close(out_ref[i], out_new[i], 1e-11, what)
 
 
 @pytest.mark.parametrize("name,kind,shape,kw", FULL_SIZE, ids=[c[0] for c in FULL_SIZE])
 def test_gradients_float32(name, kind, shape, kw):
     ref, new, params, x = _setup(kind, shape, kw, batch=2)
     key = jax.random.key(3)
-    _assert_close(ref.init(key, x), new.init(key, x), 0.0, "init")  # same initialisers
+    assert_close(ref.init(key, x), new.init(key, x), 0.0, "init")  # same initialisers
     out_ref = _all_orders(ref)(params, x)
     out_new = _all_orders(new)(params, x)
     for i, (what, tol) in enumerate([("values", 2e-6), ("grad", 1e-5), ("second order", 1e-4)]):
-        _assert_close(out_ref[i], out_new[i], tol, what)
+        assert_close(out_ref[i], out_new[i], tol, what)
 
 
 def _stack(trees):
@@ -189,12 +180,12 @@ def test_vmap_over_stacked_params(name, kind, shape, kw):
         for axes, args, what in modes:
             out_ref = jax.jit(jax.vmap(both(ref), in_axes=axes))(*args)
             out_new = jax.jit(jax.vmap(both(new), in_axes=axes))(*args)
-            _assert_close(out_ref, out_new, 1e-11, what)
+            assert_close(out_ref, out_new, 1e-11, what)
         if name == VMAP_CASES[0][0]:
             f_ref = jax.jit(jax.vmap(jax.vmap(_second_order(ref)), in_axes=(None, 1)))
             f_new = jax.jit(jax.vmap(jax.vmap(_second_order(new)), in_axes=(None, 1)))
             X2 = jnp.stack([X, X * 0.5], axis=1)
-            _assert_close(f_ref(P, X2), f_new(P, X2), 1e-11, "nested vmap")
+            assert_close(f_ref(P, X2), f_new(P, X2), 1e-11, "nested vmap")
 
 
 def test_vmap_unrolled_replicas(monkeypatch):
@@ -208,7 +199,7 @@ def test_vmap_unrolled_replicas(monkeypatch):
         looped = jax.vmap(_second_order(new))(P, X)
         monkeypatch.setattr(layers, "UNROLL_MAX", 8)
         unrolled = jax.vmap(_second_order(new))(P, X)
-        _assert_close(looped, unrolled, 1e-13, "unrolled")
+        assert_close(looped, unrolled, 1e-13, "unrolled")
 
 
 def test_batch_dims_like_flax():
@@ -216,8 +207,8 @@ def test_batch_dims_like_flax():
     for kind, shape, kw in [(c[1], c[2], c[3]) for c in cases]:
         ref, new, params, x = _setup(kind, shape, kw, batch=2)
         x3 = jnp.stack([x, 2 * x])  # two leading batch dims
-        _assert_close(ref.apply(params, x3), new.apply(params, x3), 2e-6, "2 batch dims")
-        _assert_close(ref.apply(params, x[0]), new.apply(params, x[0]), 2e-6, "no batch dim")
+        assert_close(ref.apply(params, x3), new.apply(params, x3), 2e-6, "2 batch dims")
+        assert_close(ref.apply(params, x[0]), new.apply(params, x[0]), 2e-6, "no batch dim")
 
 
 def test_vmap_float32_wgangp_discriminator():
@@ -253,7 +244,7 @@ def test_vmap_float32_wgangp_discriminator():
     fake = jax.random.uniform(k[1], (n, b, 28, 28, 1), minval=-1, maxval=1)
     eps = jax.random.uniform(k[2], (n, b, 1, 1, 1))
     params = jax.vmap(D("flax").init)(jax.random.split(k[3], n), real)
-    _assert_close(
+    assert_close(
         d_grad(D("flax"))(params, real, fake, eps),
         d_grad(D("fast"))(params, real, fake, eps),
         1e-4,
@@ -320,11 +311,11 @@ def test_narrow_slots_equal_xla(geometry):
         u_ref = layers._convt_impl_xla(v, w, **kw, u_spatial=shape[1:-1])
         w_ref = layers._kgrad_impl_xla(u, v, **kw, k_spatial=ks)
         if co == 1:
-            _assert_close(v_ref, layers._narrow_conv(u, w, **kw), 1e-13, "conv")
+            assert_close(v_ref, layers._narrow_conv(u, w, **kw), 1e-13, "conv")
         else:
             u_new = layers._narrow_convt(v, w, **kw, u_spatial=shape[1:-1])
-            _assert_close(u_ref, u_new, 1e-13, "transposed conv")
-        _assert_close(w_ref, layers._narrow_kgrad(u, v, **kw, k_spatial=ks), 1e-13, "kernel grad")
+            assert_close(u_ref, u_new, 1e-13, "transposed conv")
+        assert_close(w_ref, layers._narrow_kgrad(u, v, **kw, k_spatial=ks), 1e-13, "kernel grad")
 
 
 def test_single_channel_layers_run_as_matmuls():
