@@ -150,7 +150,9 @@ def test_gradients_float32(name, kind, shape, kw):
     assert_close(ref.init(key, x), new.init(key, x), 0.0, "init")  # same initialisers
     out_ref = _all_orders(ref)(params, x)
     out_new = _all_orders(new)(params, x)
-    for i, (what, tol) in enumerate([("values", 2e-6), ("grad", 1e-5), ("second order", 1e-4)]):
+    # On the CPU the wide layers' products run on oneDNN, which sums in another order than XLA
+    # (over up to 6272 terms): a few float32 roundings, 1e-5 of the largest gradient at most.
+    for i, (what, tol) in enumerate([("values", 2e-6), ("grad", 3e-5), ("second order", 1e-4)]):
         assert_close(out_ref[i], out_new[i], tol, what)
 
 

@@ -1,5 +1,5 @@
-"""ggans.onednn: oneDNN's convolution slots equal XLA's, the layers lower to them on the CPU, and
-everything falls back to XLA's convolutions when oneDNN is off or missing."""
+"""ggans.onednn: oneDNN's convolution slots and matrix products equal XLA's, the layers lower to
+them on the CPU, and everything falls back to XLA's own when oneDNN is off or missing."""
 
 from __future__ import annotations
 
@@ -52,6 +52,72 @@ def test_slots_equal_xla(geometry):
     for name, new, ref in zip(names, got, (v_ref, u_ref, w_ref), strict=True):
         assert new.dtype == jnp.float32, name
         assert_close(ref, new, 1e-5, name)
+
+
+@needs_onednn
+@pytest.mark.parametrize("cb", [0, 1], ids=["a @ b", "a @ b.T"])
+def test_matmul_equals_xla(cb):
+    """oneDNN's product equals XLA's, alone and under vmap (oneDNN's batch axis), also with the
+    batch axis of ``b`` not in front (float32: to 1e-5 of the largest value)."""
+    k = jax.random.split(jax.random.key(2), 4)
+    a = jax.random.normal(k[0], (2, 24, 300))
+    b = jax.random.normal(k[1], (2, 300, 40) if cb == 0 else (2, 40, 300))
+    ref = jnp.einsum("bmk,bkn->bmn" if cb == 0 else "bmk,bnk->bmn", a, b)
+    one = jax.jit(lambda a, b: onednn.matmul(a, b, cb))(a[0], b[0])
+    both = jax.jit(jax.vmap(lambda a, b: onednn.matmul(a, b, cb)))(a, b)
+    moved = jax.jit(jax.vmap(lambda a, b: onednn.matmul(a, b, cb), in_axes=(0, 2)))(
+        a, jnp.moveaxis(b, 0, 2)
+    )
+    assert one.shape == (24, 40) and both.shape == moved.shape == (2, 24, 40)
+    assert_close(ref[0], one, 1e-5, "one")
+    assert_close(ref, both, 1e-5, "vmap")
+    assert_close(ref, moved, 1e-5, "vmap, batch axis last")
+
+
+def test_skinny_products_only():
+    """Only float32 products of few rows with a large kernel, contracted in the rows' last axis,
+    go to oneDNN: the dense layers' forward and input-gradient products, not kernel gradients."""
+    ready = onednn.status() == "ready" and jax.default_backend() == "cpu"
+    x, w = jnp.ones((32, 6272)), jnp.ones((6272, 1024))
+    assert onednn.skinny(x, w, 1, 0) == ready  # x @ W
+    assert onednn.skinny(jnp.ones((64, 1024)), w, 1, 1) == ready  # dy @ W.T
+    assert not onednn.skinny(jnp.ones((65, 6272)), w, 1, 0)  # more rows: XLA's are as fast
+    assert not onednn.skinny(x, jnp.ones((6272, 100)), 1, 0)  # a small kernel
+    assert not onednn.skinny(x.T, jnp.ones((32, 1024)), 0, 0)  # a kernel gradient
+    with jax.enable_x64(True):
+        assert not onednn.skinny(x.astype(jnp.float64), w.astype(jnp.float64), 1, 0)
+
+
+@needs_onednn
+def test_dense_layer_lowers_to_onednn_matmul(monkeypatch):
+    """The paper's 6272 -> 1024 layer at batch 32: its forward and input-gradient products of
+    every order are oneDNN calls on the CPU, its kernel gradient stays XLA's, and WGAN-GP's
+    gradients equal those of the XLA lowering (GGANS_ONEDNN=0)."""
+    k = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k[0], (32, 6272))
+    w = 0.01 * jax.random.normal(k[1], (6272, 1024))
+    v = jax.random.normal(k[2], (1024,))
+
+    def penalty(w, v, x):  # v: the next layer's kernel, as the critic's logit layer
+        gx = jax.grad(lambda x: jnp.sum(jax.nn.leaky_relu(layers.matmul(x, w)) @ v))(x)
+        return jnp.mean((jnp.sqrt(jnp.sum(gx**2, axis=1) + 1e-10) - 1.0) ** 2)
+
+    fast = jax.jit(jax.grad(penalty, argnums=(0, 1)))
+    text = fast.lower(w, v, x).as_text()
+    # forward x @ W, input gradient dy @ W.T and, for v's gradient, its transpose dx @ W
+    assert text.count("ggans_onednn_matmul") == 3
+    assert "stablehlo.dot_general" in text  # the kernel gradient
+    with_onednn = fast(w, v, x)
+
+    monkeypatch.setenv("GGANS_ONEDNN", "0")
+    onednn.status.cache_clear()
+    try:
+        slow = jax.jit(jax.grad(lambda *a: penalty(*a), argnums=(0, 1)))
+        assert "ggans_onednn" not in slow.lower(w, v, x).as_text()
+        without = slow(w, v, x)
+    finally:
+        onednn.status.cache_clear()
+    assert_close(without, with_onednn, 3e-5, "second-order gradients")
 
 
 def _wgangp_grads(x, w1, w2):

@@ -246,7 +246,12 @@ def _tap_sum(z, v_spatial, k_spatial, strides, padding, tap_axis):
 
 
 def _dot(a, b, ca: int, cb: int, precision):
-    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision)
+    def xla(a, b):
+        return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision)
+
+    if onednn.skinny(a, b, ca, cb):  # only the CPU's lowering calls oneDNN
+        return lax.platform_dependent(a, b, cpu=partial(onednn.matmul, cb=cb), default=xla)
+    return xla(a, b)
 
 
 def _narrow_conv(u, w, *, strides, padding, precision):

@@ -1,13 +1,16 @@
-"""oneDNN's convolutions inside XLA's CPU programs, as XLA FFI custom calls.
+"""oneDNN's convolutions and skinny matrix products inside XLA's CPU programs, as XLA FFI
+custom calls.
 
 On the CPU, XLA runs the paper's wide convolutions (64 -> 128 channels and the generator's
 transposed ones) at 70-130 GFLOP/s in place; oneDNN, which PyTorch calls for the same layers,
 runs them at 200-360. :mod:`ggans.layers` lowers its three convolution primitives (the forward
 convolution, its transpose in the input and its transpose in the kernel) to oneDNN's forward,
 backward-data and backward-weights primitives when :func:`available` is true: a float32, 2-d
-convolution with non-negative padding, on the CPU.
+convolution with non-negative padding, on the CPU. A dense layer's products with few rows and a
+large kernel (the paper's 6272 x 1024 layers at batch 32 and 64: x @ W and its transposes) run
+on oneDNN's matmul where :func:`skinny` says so; XLA's own run them 1.5-2x slower.
 
-The kernels (``csrc/onednn_conv.cc``) are compiled on first use with the system's C++ compiler
+The kernels (``csrc/onednn_kernels.cc``) are compiled on first use with the system's C++ compiler
 against jaxlib's FFI headers and the oneDNN of the ``onednn-cpu-gomp`` wheels, and cached in
 ``$GGANS_CACHE_DIR`` (default ``~/.cache/ggans``). Without a compiler or those wheels, or with
 ``GGANS_ONEDNN=0``, everything runs on XLA's own convolutions, with the same results to float32
@@ -31,16 +34,29 @@ from pathlib import Path
 import jax
 import numpy as np
 
-__all__ = ["available", "conv", "conv_backward_data", "conv_backward_weights", "status"]
+__all__ = [
+    "available",
+    "conv",
+    "conv_backward_data",
+    "conv_backward_weights",
+    "matmul",
+    "skinny",
+    "status",
+]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "onednn_conv.cc"
+SOURCE = Path(__file__).parent / "csrc" / "onednn_kernels.cc"
 TARGETS = {
     "fwd": ("ggans_onednn_conv_fwd", "GgansConvFwd"),
     "bwd_data": ("ggans_onednn_conv_bwd_data", "GgansConvBwdData"),
     "bwd_weights": ("ggans_onednn_conv_bwd_weights", "GgansConvBwdWeights"),
+    "matmul": ("ggans_onednn_matmul", "GgansMatmul"),
 }
+# A product goes to oneDNN when it has at most SKINNY_ROWS rows and a kernel of at least
+# SKINNY_KERNEL elements, and is not a kernel gradient (XLA's are as fast there).
+SKINNY_ROWS = 64
+SKINNY_KERNEL = 1 << 20
 
 
 def _wheel_file(dist: str, suffix: str) -> Path:
@@ -73,7 +89,7 @@ def _build() -> Path:
     key = hashlib.sha256(
         SOURCE.read_bytes() + " ".join([*cmd, jax.__version__, sys.version]).encode()
     ).hexdigest()[:16]
-    out = _cache_dir() / f"onednn_conv-{key}.so"
+    out = _cache_dir() / f"onednn-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,3 +151,27 @@ def conv_backward_data(v, w, strides, padding, u_spatial):
 def conv_backward_weights(u, v, strides, padding, k_spatial):
     """The convolution's transpose in its kernel: ``(u, v)`` -> ``[*k_spatial, ci, co]``."""
     return _call("bwd_weights", (*k_spatial, u.shape[-1], v.shape[-1]), u, v, strides, padding)
+
+
+def skinny(a: jax.Array, b: jax.Array, ca: int, cb: int) -> bool:
+    """Whether ``dot(a, b)`` contracting ``a``'s axis ``ca`` with ``b``'s axis ``cb`` (both 2-d)
+    runs on oneDNN: float32, ``a`` contracted in its last axis, at most :data:`SKINNY_ROWS` rows
+    and a kernel ``b`` of at least :data:`SKINNY_KERNEL` elements, on the CPU."""
+    return (
+        a.ndim == b.ndim == 2
+        and a.dtype == b.dtype == np.float32
+        and ca == 1
+        and a.shape[0] <= SKINNY_ROWS
+        and b.size >= SKINNY_KERNEL
+        and jax.default_backend() == "cpu"
+        and status() == "ready"
+    )
+
+
+def matmul(a: jax.Array, b: jax.Array, cb: int) -> jax.Array:
+    """``a [m, k]`` times ``b`` (``[k, n]`` if ``cb == 0``, ``[n, k]`` if ``cb == 1``), giving
+    ``[m, n]``; under ``vmap`` the batch becomes oneDNN's batch axis."""
+    n = b.shape[0] if cb else b.shape[1]
+    out = jax.ShapeDtypeStruct((a.shape[0], n), a.dtype)
+    call = jax.ffi.ffi_call(TARGETS["matmul"][0], out, vmap_method="broadcast_all")
+    return call(a, b, ta=np.int64(0), tb=np.int64(cb))
