@@ -10,11 +10,11 @@ convolution with non-negative padding, on the CPU. A dense layer's products with
 large kernel (the paper's 6272 x 1024 layers at batch 32 and 64: x @ W and its transposes) run
 on oneDNN's matmul where :func:`skinny` says so; XLA's own run them 1.5-2x slower.
 
-The kernels (``csrc/onednn_kernels.cc``) are compiled on first use with the system's C++ compiler
-against jaxlib's FFI headers and the oneDNN of the ``onednn-cpu-gomp`` wheels, and cached in
-``$GGANS_CACHE_DIR`` (default ``~/.cache/ggans``). Without a compiler or those wheels, or with
-``GGANS_ONEDNN=0``, everything runs on XLA's own convolutions, with the same results to float32
-rounding.
+The kernels (``csrc/onednn_kernels.cc``) are compiled on first use with the system's C++
+compiler against jaxlib's FFI headers and the oneDNN of the ``onednn-cpu-gomp`` wheels, and cached
+in ``$GGANS_CACHE_DIR`` (default ``~/.cache/ggans``). Without a compiler or those wheels, or with
+``GGANS_ONEDNN=0``, everything runs on XLA's own convolutions and products, with the same results
+to float32 rounding.
 """
 
 from __future__ import annotations
@@ -174,4 +174,4 @@ def matmul(a: jax.Array, b: jax.Array, cb: int) -> jax.Array:
     n = b.shape[0] if cb else b.shape[1]
     out = jax.ShapeDtypeStruct((a.shape[0], n), a.dtype)
     call = jax.ffi.ffi_call(TARGETS["matmul"][0], out, vmap_method="broadcast_all")
-    return call(a, b, ta=np.int64(0), tb=np.int64(cb))
+    return call(a, b, tb=np.int64(cb))

@@ -7,7 +7,7 @@
 // are reordered to and from the layout each primitive prefers. Primitives are built once per
 // geometry and thread, with a per-thread scratchpad and weights buffer.
 //
-// Matrix products: c[..., m, n] = op(a) @ op(b), row major, the leading axes a batch; used for a
+// Matrix products: c[..., m, n] = a @ op(b), row major, the leading axes a batch; used for a
 // dense layer's products with few rows and a large kernel, where XLA's own are 1.5-2x slower.
 #include <array>
 #include <cstdint>
@@ -164,8 +164,8 @@ ffi::Error ConvBwdWeights(F32 u, F32 v, ffi::ResultBuffer<ffi::F32> w, Ints stri
              v.dimensions(), w->dimensions(), strides, pads);
 }
 
-// A matrix product: batch, m, k, n, whether a is [k, m] (ta) and whether b is [n, k] (tb).
-using MatmulKey = std::array<int64_t, 6>;
+// A matrix product: batch, m, k, n, and whether b is [n, k] (tb) rather than [k, n].
+using MatmulKey = std::array<int64_t, 5>;
 
 struct MatmulPlan {
   dnnl::matmul prim;
@@ -174,11 +174,12 @@ struct MatmulPlan {
 };
 
 MatmulPlan MakeMatmulPlan(const MatmulKey& key) {
-  const auto [batch, m, k, n, ta, tb] = key;
+  const auto [batch, m, k, n, tb] = key;
   const auto f32 = memory::data_type::f32;
   MatmulPlan plan;
-  plan.a = memory::desc({batch, m, k}, f32, ta ? memory::dims{m * k, 1, m} : memory::dims{m * k, k, 1});
-  plan.b = memory::desc({batch, k, n}, f32, tb ? memory::dims{k * n, 1, k} : memory::dims{k * n, n, 1});
+  plan.a = memory::desc({batch, m, k}, f32, memory::dims{m * k, k, 1});
+  plan.b = memory::desc({batch, k, n}, f32,
+                        tb ? memory::dims{k * n, 1, k} : memory::dims{k * n, n, 1});
   plan.c = memory::desc({batch, m, n}, f32, memory::dims{m * n, n, 1});
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -195,7 +196,7 @@ const MatmulPlan& GetMatmulPlan(const MatmulKey& key) {
   return it->second;
 }
 
-ffi::Error Matmul(F32 a, F32 b, ffi::ResultBuffer<ffi::F32> c, int64_t ta, int64_t tb) {
+ffi::Error Matmul(F32 a, F32 b, ffi::ResultBuffer<ffi::F32> c, int64_t tb) {
   auto ad = a.dimensions(), bd = b.dimensions();
   const size_t r = ad.size();
   if (r < 2 || bd.size() != r) {
@@ -203,10 +204,9 @@ ffi::Error Matmul(F32 a, F32 b, ffi::ResultBuffer<ffi::F32> c, int64_t ta, int64
   }
   int64_t batch = 1;
   for (size_t i = 0; i + 2 < r; ++i) batch *= ad[i];
-  const int64_t m = ta ? ad[r - 1] : ad[r - 2], k = ta ? ad[r - 2] : ad[r - 1];
-  const int64_t n = tb ? bd[r - 2] : bd[r - 1];
+  const int64_t m = ad[r - 2], k = ad[r - 1], n = tb ? bd[r - 2] : bd[r - 1];
   try {
-    const MatmulPlan& plan = GetMatmulPlan({batch, m, k, n, ta, tb});
+    const MatmulPlan& plan = GetMatmulPlan({batch, m, k, n, tb});
     auto& eng = Engine();
     dnnl::stream stream(eng);
     thread_local std::vector<char> scratch;
@@ -246,5 +246,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GgansMatmul, Matmul,
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Ret<F32>()
-                                  .Attr<int64_t>("ta")
                                   .Attr<int64_t>("tb"));
