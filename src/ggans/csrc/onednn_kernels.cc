@@ -1,14 +1,15 @@
 // oneDNN convolutions and matrix products as XLA FFI handlers for the CPU backend (see
 // ggans/onednn.py).
 //
-// Convolutions: the three bilinear slots of a 2-d strided convolution (ggans.layers' conv_p, convt_p and
-// kgrad_p) are oneDNN's forward, backward-data and backward-weights primitives. Activations are
-// channels last ([B, H, W, C], oneDNN's nhwc); kernels are [kh, kw, ci, co] (oneDNN's hwio) and
-// are reordered to and from the layout each primitive prefers. Primitives are built once per
-// geometry and thread, with a per-thread scratchpad and weights buffer.
+// Convolutions: the three bilinear slots of a 2-d strided convolution (ggans.layers' conv_p,
+// convt_p and kgrad_p) are oneDNN's forward, backward-data and backward-weights primitives.
+// Activations are channels last ([B, H, W, C], oneDNN's nhwc); kernels are [kh, kw, ci, co]
+// (oneDNN's hwio) and are reordered to and from the layout each primitive prefers.
 //
 // Matrix products: c[..., m, n] = a @ op(b), row major, the leading axes a batch; used for a
 // dense layer's products with few rows and a large kernel, where XLA's own are 1.5-2x slower.
+//
+// Primitives are built once per shape and thread, with a per-thread scratchpad.
 #include <array>
 #include <cstdint>
 #include <map>
@@ -42,6 +43,23 @@ struct Plan {
 dnnl::engine& Engine() {
   static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
   return eng;
+}
+
+// Plans are per thread (XLA may run two calls at once), so no primitive is ever shared.
+template <typename K, typename P>
+const P& Cached(const K& key, P (*make)(const K&)) {
+  thread_local std::map<K, P> plans;
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, make(key)).first;
+  return it->second;
+}
+
+// The calling thread's scratchpad, grown to ``bytes``.
+memory Scratchpad(size_t bytes) {
+  thread_local std::vector<char> scratch;
+  if (scratch.size() < bytes) scratch.resize(bytes);
+  memory::desc desc({static_cast<int64_t>(bytes)}, memory::data_type::u8, tag::x);
+  return memory(desc, Engine(), scratch.data());
 }
 
 Plan MakePlan(const Key& k) {
@@ -88,14 +106,6 @@ Plan MakePlan(const Key& k) {
   return plan;
 }
 
-// Plans are per thread (XLA may run two calls at once), so no primitive is ever shared.
-const Plan& GetPlan(const Key& k) {
-  thread_local std::map<Key, Plan> plans;
-  auto it = plans.find(k);
-  if (it == plans.end()) it = plans.emplace(k, MakePlan(k)).first;
-  return it->second;
-}
-
 // act: [B, H, W, ci]; out: [B, Ho, Wo, co]; wei: [kh, kw, ci, co]. Exactly one is the result.
 ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const int64_t> act_dims,
                ffi::Span<const int64_t> out_dims, ffi::Span<const int64_t> wei_dims,
@@ -108,21 +118,17 @@ ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const in
         out_dims[2], out_dims[3], wei_dims[0], wei_dims[1], strides[0],  strides[1],
         pads[0],     pads[1],     pads[2],     pads[3]};
   try {
-    const Plan& plan = GetPlan(k);
+    const Plan& plan = Cached(k, MakePlan);
     auto& eng = Engine();
     dnnl::stream stream(eng);
-    thread_local std::vector<char> scratch, weights;
-    if (scratch.size() < plan.scratch_bytes) scratch.resize(plan.scratch_bytes);
+    thread_local std::vector<char> weights;
     if (weights.size() < plan.wei.get_size()) weights.resize(plan.wei.get_size());
     memory m_act(plan.act, eng, act), m_out(plan.out, eng, out);
     memory m_user(plan.user_wei, eng, wei);
     memory m_wei = m_user;
     if (plan.reorder_wei) m_wei = memory(plan.wei, eng, weights.data());
     std::unordered_map<int, memory> args;
-    if (plan.scratch_bytes > 0) {
-      memory::desc bytes({static_cast<int64_t>(plan.scratch_bytes)}, memory::data_type::u8, tag::x);
-      args[DNNL_ARG_SCRATCHPAD] = memory(bytes, eng, scratch.data());
-    }
+    if (plan.scratch_bytes > 0) args[DNNL_ARG_SCRATCHPAD] = Scratchpad(plan.scratch_bytes);
     if (slot == kFwd) {
       args[DNNL_ARG_SRC] = m_act;
       args[DNNL_ARG_DST] = m_out;
@@ -189,13 +195,6 @@ MatmulPlan MakeMatmulPlan(const MatmulKey& key) {
   return plan;
 }
 
-const MatmulPlan& GetMatmulPlan(const MatmulKey& key) {
-  thread_local std::map<MatmulKey, MatmulPlan> plans;
-  auto it = plans.find(key);
-  if (it == plans.end()) it = plans.emplace(key, MakeMatmulPlan(key)).first;
-  return it->second;
-}
-
 ffi::Error Matmul(F32 a, F32 b, ffi::ResultBuffer<ffi::F32> c, int64_t tb) {
   auto ad = a.dimensions(), bd = b.dimensions();
   const size_t r = ad.size();
@@ -206,18 +205,13 @@ ffi::Error Matmul(F32 a, F32 b, ffi::ResultBuffer<ffi::F32> c, int64_t tb) {
   for (size_t i = 0; i + 2 < r; ++i) batch *= ad[i];
   const int64_t m = ad[r - 2], k = ad[r - 1], n = tb ? bd[r - 2] : bd[r - 1];
   try {
-    const MatmulPlan& plan = GetMatmulPlan({batch, m, k, n, tb});
+    const MatmulPlan& plan = Cached(MatmulKey{batch, m, k, n, tb}, MakeMatmulPlan);
     auto& eng = Engine();
     dnnl::stream stream(eng);
-    thread_local std::vector<char> scratch;
-    if (scratch.size() < plan.scratch_bytes) scratch.resize(plan.scratch_bytes);
     std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(plan.a, eng, a.typed_data())},
                                          {DNNL_ARG_WEIGHTS, memory(plan.b, eng, b.typed_data())},
                                          {DNNL_ARG_DST, memory(plan.c, eng, c->typed_data())}};
-    if (plan.scratch_bytes > 0) {
-      memory::desc bytes({static_cast<int64_t>(plan.scratch_bytes)}, memory::data_type::u8, tag::x);
-      args[DNNL_ARG_SCRATCHPAD] = memory(bytes, eng, scratch.data());
-    }
+    if (plan.scratch_bytes > 0) args[DNNL_ARG_SCRATCHPAD] = Scratchpad(plan.scratch_bytes);
     plan.prim.execute(stream, args);
     stream.wait();
   } catch (const dnnl::error& e) {
