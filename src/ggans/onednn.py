@@ -112,10 +112,10 @@ def status() -> str:
         for name, symbol in TARGETS.values():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
     except importlib.metadata.PackageNotFoundError as e:  # e.g. not Linux x86-64
-        log.info("oneDNN convolutions unavailable (no %s wheel); using XLA's", e)
+        log.info("oneDNN kernels unavailable (no %s wheel); using XLA's", e)
         return f"unavailable: no {e} wheel"
     except (OSError, RuntimeError, AttributeError) as e:  # no compiler, failed build, old jax
-        log.warning("oneDNN convolutions unavailable (%s); using XLA's, which are slower", e)
+        log.warning("oneDNN kernels unavailable (%s); using XLA's, which are slower", e)
         return f"unavailable: {e}"
     return "ready"
 
