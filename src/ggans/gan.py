@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from ggans.gradsum import merge_kernel_grads
 from ggans.models import ARCHS, Discriminator, Generator, l2_penalty
 
 LOSSES = ("wgan_gp", "nonsat")
@@ -137,9 +138,10 @@ def train_step(
         loss = loss + spec.weight_decay * l2_penalty(d_params, skip="logit")
         return loss, (wasserstein, gp)
 
-    (d_loss, (wasserstein, gp)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-        state.d_params
-    )
+    # Under WGAN-GP, D's dense kernels get three gradient products (real and fake images,
+    # interpolates, the penalty's input gradient): one product on stacked rows instead.
+    d_value_and_grad = merge_kernel_grads(jax.value_and_grad(d_loss_fn, has_aux=True))
+    (d_loss, (wasserstein, gp)), d_grads = d_value_and_grad(state.d_params)
     d_updates, d_opt = spec.d_tx.update(d_grads, state.d_opt, state.d_params)
     d_params = jax.tree.map(jnp.add, state.d_params, d_updates)
 
