@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core
+from jax.extend import core, source_info_util
 from jax.extend.core import primitives
 
 from ggans import layers
@@ -68,16 +68,18 @@ def _is_kernel_grad(eqn: core.JaxprEqn) -> bool:
 
 
 def _eval(jaxpr: core.Jaxpr, consts, args) -> list:
-    """``jax.core.eval_jaxpr``, except that kernel-gradient products used once are kept as
-    :class:`_Sum` terms, which ``add_any`` (autodiff's accumulation) joins."""
+    """``jax.core.eval_jaxpr`` (each equation bound under its own name stack, traceback and
+    context), except that kernel-gradient products used once are kept as :class:`_Sum` terms,
+    which ``add_any`` (autodiff's accumulation) joins."""
     uses = Counter(v for e in jaxpr.eqns for v in e.invars if not isinstance(v, core.Literal))
     uses.update(v for v in jaxpr.outvars if not isinstance(v, core.Literal))
     env: dict = {}
 
+    def get(v):  # a value or a pending _Sum
+        return v.val if isinstance(v, core.Literal) else env[v]
+
     def read(v):
-        if isinstance(v, core.Literal):
-            return v.val
-        x = env[v]
+        x = get(v)
         return x.value() if isinstance(x, _Sum) else x
 
     env.update(zip(jaxpr.constvars, consts))
@@ -89,13 +91,17 @@ def _eval(jaxpr: core.Jaxpr, consts, args) -> list:
             env[eqn.outvars[0]] = _Sum((x,), (y,), precision)
             continue
         if eqn.primitive is primitives.add_jaxvals_p and uses[eqn.outvars[0]] == 1:
-            a, b = (env[v] if isinstance(v, core.Var) else v.val for v in eqn.invars)
+            a, b = map(get, eqn.invars)
             if isinstance(b, _Sum) and not isinstance(a, _Sum):
                 a, b = b, a
             if isinstance(a, _Sum) and (not isinstance(b, _Sum) or a.joins(b)):
                 env[eqn.outvars[0]] = a.plus(b)
                 continue
-        with eqn.ctx.manager:
+        name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+        with (
+            source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+            eqn.ctx.manager,
+        ):
             out = eqn.primitive.bind(
                 *map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params)
             )
