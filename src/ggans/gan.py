@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from ggans import adam
 from ggans.gradsum import merge_kernel_grads
 from ggans.models import ARCHS, Discriminator, Generator, l2_penalty
 
@@ -48,12 +49,14 @@ class GanSpec:
         return Discriminator(ARCHS[self.arch], self.impl)
 
     @property
-    def g_tx(self) -> optax.GradientTransformation:
-        return optax.adam(self.g_lr, b1=self.beta1, b2=self.beta2)
+    def g_adam(self) -> dict[str, float]:
+        """G's optimiser: ``optax.adam(**g_adam)``, stepped by :func:`ggans.adam.step`."""
+        return {"learning_rate": self.g_lr, "b1": self.beta1, "b2": self.beta2}
 
     @property
-    def d_tx(self) -> optax.GradientTransformation:
-        return optax.adam(self.d_lr, b1=self.beta1, b2=self.beta2)
+    def d_adam(self) -> dict[str, float]:
+        """D's optimiser: ``optax.adam(**d_adam)``, stepped by :func:`ggans.adam.step`."""
+        return {"learning_rate": self.d_lr, "b1": self.beta1, "b2": self.beta2}
 
 
 class GanState(struct.PyTreeNode):
@@ -84,8 +87,8 @@ def init_gan(spec: GanSpec, key: jax.Array) -> GanState:
         g_params=g_vars["params"],
         g_stats=g_vars["batch_stats"],
         d_params=d_params,
-        g_opt=spec.g_tx.init(g_vars["params"]),
-        d_opt=spec.d_tx.init(d_params),
+        g_opt=optax.adam(**spec.g_adam).init(g_vars["params"]),
+        d_opt=optax.adam(**spec.d_adam).init(d_params),
     )
 
 
@@ -142,8 +145,7 @@ def train_step(
     # interpolates, the penalty's input gradient): one product on stacked rows instead.
     d_value_and_grad = merge_kernel_grads(jax.value_and_grad(d_loss_fn, has_aux=True))
     (d_loss, (wasserstein, gp)), d_grads = d_value_and_grad(state.d_params)
-    d_updates, d_opt = spec.d_tx.update(d_grads, state.d_opt, state.d_params)
-    d_params = jax.tree.map(jnp.add, state.d_params, d_updates)
+    d_params, d_opt = adam.step(d_grads, state.d_opt, state.d_params, **spec.d_adam)
 
     def g_loss_fn(g_params):
         fake, new_vars = g_forward(g_params, jax.random.normal(z_g, (batch, spec.noise_dim)))
@@ -154,8 +156,7 @@ def train_step(
         return loss, new_vars["batch_stats"]
 
     (g_loss, g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
-    g_updates, g_opt = spec.g_tx.update(g_grads, state.g_opt, state.g_params)
-    g_params = jax.tree.map(jnp.add, state.g_params, g_updates)
+    g_params, g_opt = adam.step(g_grads, state.g_opt, state.g_params, **spec.g_adam)
 
     new_state = GanState(g_params, g_stats, d_params, g_opt, d_opt)
     return new_state, StepMetrics(g_loss, d_loss, wasserstein, gp)

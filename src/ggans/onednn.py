@@ -10,11 +10,12 @@ convolution with non-negative padding, on the CPU. A dense layer's products with
 large kernel (the paper's 6272 x 1024 layers at batch 32 and 64: x @ W and its transposes) run
 on oneDNN's matmul where :func:`skinny` says so; XLA's own run them 1.5-2x slower.
 
-The kernels (``csrc/onednn_kernels.cc``) are compiled on first use with the system's C++
+The kernels (``csrc/onednn_kernels.cc``, and ``csrc/adam_kernel.cc``, :mod:`ggans.adam`'s one-pass
+update, which shares their OpenMP threads) are compiled on first use with the system's C++
 compiler against jaxlib's FFI headers and the oneDNN of the ``onednn-cpu-gomp`` wheels, and cached
 in ``$GGANS_CACHE_DIR`` (default ``~/.cache/ggans``). Without a compiler or those wheels, or with
-``GGANS_ONEDNN=0``, everything runs on XLA's own convolutions and products, with the same results
-to float32 rounding.
+``GGANS_ONEDNN=0``, everything runs on XLA's own convolutions and products and optax's update,
+with the same results to float32 rounding.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "onednn_kernels.cc"
+SOURCES = [Path(__file__).parent / "csrc" / f for f in ("onednn_kernels.cc", "adam_kernel.cc")]
+ADAM_TARGET = "ggans_adam"  # ggans.adam's one-pass update, built into the same library
 TARGETS = {
     "fwd": ("ggans_onednn_conv_fwd", "GgansConvFwd"),
     "bwd_data": ("ggans_onednn_conv_bwd_data", "GgansConvBwdData"),
     "bwd_weights": ("ggans_onednn_conv_bwd_weights", "GgansConvBwdWeights"),
     "matmul": ("ggans_onednn_matmul", "GgansMatmul"),
+    "adam": (ADAM_TARGET, "GgansAdam"),
 }
 # A product goes to oneDNN when it has at most SKINNY_ROWS rows and a kernel of at least
 # SKINNY_KERNEL elements, and is not a kernel gradient (XLA's are as fast there).
@@ -82,13 +85,13 @@ def _build() -> Path:
     if not cxx:
         raise FileNotFoundError("no C++ compiler (g++ or $CXX)")
     cmd = [
-        cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-        f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE),
+        cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-w",
+        f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, SOURCES),
         f"-L{lib.parent}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib.parent}",
     ]  # fmt: skip
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([*cmd, jax.__version__, sys.version]).encode()
-    ).hexdigest()[:16]
+    sources = b"".join(f.read_bytes() for f in SOURCES)
+    build = " ".join([*cmd, jax.__version__, sys.version]).encode()
+    key = hashlib.sha256(sources + build).hexdigest()[:16]
     out = _cache_dir() / f"onednn-{key}.so"
     if out.exists():
         return out

@@ -1,0 +1,106 @@
+"""ggans.adam.step: optax.adam's update and apply_updates, with large leaves in one pass, equal to
+optax's in values and state, per replica under vmap, in place, and optax's own when the kernel is
+off."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from conftest import assert_close
+from ggans import adam, onednn
+from test_onednn import _onednn_off, _status_under, needs_onednn
+
+HYPER = {"learning_rate": 1e-3, "b1": 0.5, "b2": 0.999}
+N = 3
+
+
+@pytest.fixture
+def small_fused_min(monkeypatch):
+    """Leaves of 2,000 elements count as large, so the tests stay small."""
+    monkeypatch.setattr(adam, "FUSED_MIN", 2000)
+
+
+def _params(key):
+    k1, k2 = jax.random.split(key)
+    return {
+        "big": jax.random.normal(k1, (N, 40, 50)),
+        "small": {"b": jax.random.normal(k2, (N, 7))},
+    }
+
+
+def _optax_step(grads, state, params):
+    updates, state = optax.adam(**HYPER).update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
+def _run(step, params, state, steps: int = 6):
+    """``steps`` updates of N replicas in one jitted scan, with fresh gradients each step."""
+
+    def body(carry, key):
+        p, s = carry
+        grads = jax.tree.map(lambda x: jax.random.normal(key, x.shape), p)
+        return jax.vmap(step)(grads, s, p), None
+
+    run = jax.jit(
+        lambda p, s: jax.lax.scan(body, (p, s), jax.random.split(jax.random.key(9), steps))[0]
+    )
+    return run(params, state)
+
+
+def _state(params, counts):
+    """optax.adam's stacked state, replica i having taken ``counts[i]`` steps already."""
+    state = jax.vmap(optax.adam(**HYPER).init)(params)
+    moments = jax.tree.map(lambda x: jnp.abs(x) * 0.01, params)
+    first = state[0]._replace(count=jnp.asarray(counts, jnp.int32), mu=moments, nu=moments)
+    return (first, *state[1:])
+
+
+def _step(grads, state, params):
+    return adam.step(grads, state, params, **HYPER)
+
+
+@needs_onednn
+@pytest.mark.usefixtures("small_fused_min")
+def test_large_leaves_run_one_kernel_and_equal_optax():
+    params = _params(jax.random.key(0))
+    state = _state(params, [0, 5, 1000])  # per-replica bias corrections differ
+    ours = _run(_step, params, state)
+    ref = _run(_optax_step, params, state)
+    assert_close(ref, ours, 1e-6, "params and state")
+    assert jnp.array_equal(ours[1][0].count, ref[1][0].count)
+    assert not jnp.allclose(ours[0]["big"], params["big"], atol=1e-4)  # it did move
+    grads = jax.tree.map(jnp.ones_like, params)
+    lowered = jax.jit(jax.vmap(_step)).lower(grads, state, params).as_text()
+    assert lowered.count(f"@{onednn.ADAM_TARGET}(") == 1  # the big leaf only
+    # p, m and v are the outputs' buffers: updated in place
+    assert "output_operand_aliases" in lowered
+
+
+@needs_onednn
+@pytest.mark.usefixtures("small_fused_min")
+def test_each_replica_uses_its_own_step_count():
+    """Replica i's update equals optax's for replica i alone (its own bias corrections)."""
+    params = _params(jax.random.key(1))
+    state = _state(params, [0, 3, 70])
+    grads = jax.tree.map(lambda x: jnp.cos(x), params)
+    ours = jax.jit(jax.vmap(_step))(grads, state, params)
+    for i in range(N):
+        one = jax.tree.map(lambda x, i=i: x[i], (grads, state, params))
+        assert_close(_optax_step(*one), jax.tree.map(lambda x, i=i: x[i], ours), 1e-6, f"{i}")
+
+
+@pytest.mark.usefixtures("small_fused_min")
+def test_without_the_kernel_it_is_optax(monkeypatch):
+    params = _params(jax.random.key(2))
+    state = _state(params, [1, 1, 1])
+    with _status_under(monkeypatch, _onednn_off):
+        grads = jax.tree.map(jnp.ones_like, params)
+        assert (
+            onednn.ADAM_TARGET not in jax.jit(jax.vmap(_step)).lower(grads, state, params).as_text()
+        )
+        ours = _run(_step, params, state)
+    ref = _run(_optax_step, params, state)
+    assert_close(ref, ours, 0.0, "params and state")
