@@ -1,7 +1,9 @@
 // Adam's update of one parameter array in one pass, as an XLA FFI handler for the CPU (see
 // ggans/adam.py). XLA runs optax's update of a large leaf as three loop fusions that read the
 // gradient and moments again each time; this reads p, g, m and v once and writes p, m and v
-// once, on OpenMP's threads, with optax's arithmetic in optax's order.
+// once, on OpenMP's threads, with optax's arithmetic in optax's order. It is built with
+// -fno-math-errno (ggans/onednn.py): otherwise GCC keeps sqrt's errno branch in the loop, and the
+// loop is not vectorized.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
