@@ -18,12 +18,11 @@ import gzip
 import json
 import re
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 
-from ggans.bench import _synthetic
+from ggans.bench import _synthetic, timed_round
 from ggans.gan import GanSpec
 from ggans.replicas import init_replicas
 from ggans.training import RoundSpec, compiled_round, make_round
@@ -119,10 +118,8 @@ def main() -> None:
     state = init_replicas(gan, jax.random.key(0), n)
     times = []
     for r in range(4):  # the first call compiles
-        t0 = time.perf_counter()
-        state, _ = round_fn(state, shards, jax.random.key(1), r)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
+        state, seconds = timed_round(round_fn, state, shards, r)
+        times.append(seconds)
     best = min(times[1:])
     print(
         f"{args.arch} {args.loss}, N = {n}: {best / steps * 1e3:.0f} ms a step, "

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 
-from ggans.bench import _synthetic
+from ggans.bench import _synthetic, timed_round
 from ggans.gan import GanSpec
 from ggans.replicas import init_replicas
 from ggans.training import RoundSpec, make_round
@@ -38,11 +37,9 @@ def main() -> None:
     times: dict[int, list[float]] = {k: [] for k in lengths}
     for r in range(args.rounds + 1):  # round 0 compiles
         for k, round_fn in rounds.items():
-            t0 = time.perf_counter()
-            state, _ = round_fn(state, shards, jax.random.key(1), r)
-            jax.block_until_ready(state)
+            state, seconds = timed_round(round_fn, state, shards, r)
             if r:
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(seconds)
     short, long = (statistics.median(times[k]) for k in lengths)
     step = (long - short) / (args.long - args.short)
     fixed = short - args.short * step

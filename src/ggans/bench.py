@@ -83,6 +83,17 @@ def _flops_per_step(gan) -> float:
     return float(cost.get("flops", 0.0))
 
 
+def timed_round(round_fn, state, shards, r: int):
+    """Round ``r`` of ``training.make_round``'s ``round_fn`` (train key 1), run to completion:
+    ``(state, seconds)``."""
+    import jax
+
+    t0 = time.perf_counter()
+    state, _ = round_fn(state, shards, jax.random.key(1), r)
+    jax.block_until_ready(state)
+    return state, time.perf_counter() - t0
+
+
 def bench_round(arch: str, loss: str, n: int, steps: int, repeats: int, chunk: int | None):
     """The compiled round: K = ``steps`` local steps for N machines, then gossip."""
     import jax
@@ -96,16 +107,11 @@ def bench_round(arch: str, loss: str, n: int, steps: int, repeats: int, chunk: i
     shards = _synthetic(n)
     state = init_replicas(gan, jax.random.key(0), n)
     round_fn = make_round(spec)
-    t0 = time.perf_counter()
-    state, _ = round_fn(state, shards, jax.random.key(1), 0)
-    jax.block_until_ready(state)
-    first = time.perf_counter() - t0
+    state, first = timed_round(round_fn, state, shards, 0)
     times = []
     for r in range(repeats):
-        t0 = time.perf_counter()
-        state, _ = round_fn(state, shards, jax.random.key(1), r + 1)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
+        state, seconds = timed_round(round_fn, state, shards, r + 1)
+        times.append(seconds)
     rates = [n * steps / t for t in times]
     return {
         "round_rate_min": min(rates),
