@@ -10,8 +10,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-install: $(BIN)/python  ## a virtual environment with ggans and its dev tools
-	$(BIN)/pip install -e ".[dev]"
+install: $(BIN)/python  ## a virtual environment with ggans, its dev tools and the CPU plug-in
+	$(BIN)/pip install -e ".[dev,cpu]"
 
 quick: install  ## the quick experiment: minutes on a laptop CPU
 	$(BIN)/python -m ggans experiment=quick

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ggans import layers as fast
+from ggans.cpu import layers as fast
 
 B, ZDIM = 32, 128
 

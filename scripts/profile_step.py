@@ -131,7 +131,7 @@ def main() -> None:
             jax.block_until_ready(state)
         own, calls = self_times(glob.glob(f"{log_dir}/**/*.json.gz", recursive=True)[0])
     active = jnp.ones((n,), bool)
-    lowered = compiled_round().lower(
+    lowered = compiled_round(spec).lower(
         spec, state, shards, jax.random.key(1), jnp.asarray(0, jnp.int32), active
     )
     info, flops = hlo_index(lowered.compile().as_text())

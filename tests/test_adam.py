@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from conftest import assert_close
-from ggans import adam, onednn
+from ggans.cpu import adam, onednn
 from ggans.gan import GanSpec, train_step
 from ggans.replicas import init_replicas
 from test_onednn import _onednn_off, _status_under, needs_onednn

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from conftest import assert_close
-from ggans import layers
+from ggans.cpu import layers
 from ggans.gan import GanSpec, _gradient_penalty, init_gan
-from ggans.gradsum import merge_kernel_grads
+from ggans.cpu.gradsum import merge_kernel_grads
 from ggans.models import l2_penalty
 
 
@@ -71,7 +71,7 @@ def test_wgan_gp_discriminator_kernel_gradient_is_one_product():
     """D's hidden dense kernel: three products (real and fake, interpolates, and the penalty's
     input gradient) become one over 2B + B + B rows; every gradient equal to 1e-5; the ops keep
     their names."""
-    spec = GanSpec(arch="tiny", loss="wgan_gp", impl="fast")
+    spec = GanSpec(arch="tiny", loss="wgan_gp", impl="cpu")
     d_params = init_gan(spec, jax.random.key(0)).d_params
     b = spec.batch_size
     real, fake = (

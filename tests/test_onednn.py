@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import assert_close
-from ggans import layers, onednn
+from ggans.cpu import layers, onednn
 
 needs_onednn = pytest.mark.skipif(
     jax.default_backend() != "cpu" or onednn.status() != "ready",

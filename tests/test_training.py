@@ -31,18 +31,27 @@ def assert_trees_close(a, b, steps=3, lr=1e-3):
     assert np.quantile(d, 0.99) < 1e-5, np.quantile(d, [0.5, 0.99, 0.999])
 
 
-@pytest.mark.parametrize("protocol", ["gossip_ind", "federated"])
-def test_stacked_round_equals_loop_of_single_replica_rounds(protocol):
+@pytest.mark.parametrize(
+    "protocol,impl",
+    [
+        ("gossip_ind", "patches"),
+        ("federated", "patches"),
+        ("gossip_ind", "flax"),
+        ("federated", "cpu"),
+    ],
+)
+def test_stacked_round_equals_loop_of_single_replica_rounds(protocol, impl):
     n, steps = 3, 3
-    spec = RoundSpec(gan=TINY, protocol=protocol, local_steps=steps)
+    gan = dataclasses.replace(TINY, impl=impl)
+    spec = RoundSpec(gan=gan, protocol=protocol, local_steps=steps)
     shards = synthetic_shards(n, images=48)
-    state = init_replicas(TINY, jax.random.key(0), n, "independent")
+    state = init_replicas(gan, jax.random.key(0), n, "independent")
     train_key, r = jax.random.key(1), 4
 
     stacked, info = make_round(spec)(copy(state), shards, train_key, r)
 
     keys, mix_key = round_keys(train_key, r, n)
-    one = jax.jit(lambda s, k, idx, size: local_steps(TINY, steps, s, k, shards.images, idx, size))
+    one = jax.jit(lambda s, k, idx, size: local_steps(gan, steps, s, k, shards.images, idx, size))
     outs = [one(take(state, i), keys[i], shards.index[i], shards.size[i]) for i in range(n)]
     looped, _ = exchange(spec, stack([o[0] for o in outs]), mix_key)
 
@@ -110,16 +119,17 @@ def test_chunked_round_equals_one_vmap():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options only")
 def test_cpu_compiler_options_keep_fewer_copies_and_the_same_result():
-    """On the CPU the round is compiled with ``CPU_COMPILER_OPTIONS``: fewer buffer copies in the
-    compiled program, and bit for bit the same state."""
+    """With the CPU plug-in the round is compiled with its ``COMPILER_OPTIONS``: fewer buffer
+    copies in the compiled program, and bit for bit the same state."""
     from ggans import training
 
     n = 2
-    spec = RoundSpec(gan=TINY, protocol="gossip", local_steps=2, chunk=1)
+    gan = dataclasses.replace(TINY, impl="cpu")
+    spec = RoundSpec(gan=gan, protocol="gossip", local_steps=2, chunk=1)
     shards = synthetic_shards(n, images=16)
     state = init_replicas(TINY, jax.random.key(0), n)
     args = (spec, state, shards, jax.random.key(1), jax.numpy.int32(0), jax.numpy.ones(n, bool))
-    plain, tuned = training._jit_round(None), training.compiled_round()
+    plain, tuned = training.compiled_round(), training.compiled_round(spec)
 
     def copies(fn):
         return fn.lower(*args).compile().as_text().count(" copy(")

@@ -94,7 +94,16 @@ def timed_round(round_fn, state, shards, r: int):
     return state, time.perf_counter() - t0
 
 
-def bench_round(arch: str, loss: str, n: int, steps: int, repeats: int, chunk: int | None):
+def bench_round(
+    arch: str,
+    loss: str,
+    n: int,
+    steps: int,
+    repeats: int,
+    chunk: int | None,
+    impl: str = "auto",
+    precision: str = "default",
+):
     """The compiled round: K = ``steps`` local steps for N machines, then gossip."""
     import jax
 
@@ -102,7 +111,7 @@ def bench_round(arch: str, loss: str, n: int, steps: int, repeats: int, chunk: i
     from ggans.replicas import init_replicas
     from ggans.training import RoundSpec, make_round
 
-    gan = GanSpec(arch=arch, loss=loss, impl="fast")
+    gan = GanSpec(arch=arch, loss=loss, impl=impl, precision=precision)
     spec = RoundSpec(gan=gan, protocol="gossip", local_steps=steps, chunk=chunk)
     shards = _synthetic(n)
     state = init_replicas(gan, jax.random.key(0), n)
@@ -244,7 +253,7 @@ def run_one(job: dict) -> dict:
     out["device"] = str(jax.devices()[0].device_kind)
     out["jax"] = jax.__version__
     if jax.default_backend() == "cpu":
-        from ggans import onednn
+        from ggans.cpu import onednn
 
         out["onednn"] = onednn.status()
     return out

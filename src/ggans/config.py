@@ -10,10 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ggans import impls
 from ggans.data import SPLITS
 from ggans.errors import ConfigError
 from ggans.gan import LOSSES, GanSpec
-from ggans.models import ARCHS
+from ggans.models import ARCHS, PRECISIONS
 from ggans.protocols import FORMS, PROTOCOLS, Faults
 from ggans.replicas import INITS
 from ggans.training import RoundSpec
@@ -121,7 +122,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     m = cfg.model
     _choice("model.arch", m.arch, tuple(ARCHS))
     _choice("model.loss", m.loss, LOSSES)
-    _choice("model.impl", m.impl, ("flax", "fast"))
+    _choice("model.impl", m.impl, impls.names())
+    impls.check(m.impl)
+    _choice("model.precision", m.precision, PRECISIONS)
     _int("model.batch_size", m.batch_size, 1)
     _int("model.noise_dim", m.noise_dim, 1)
     _prob("faults.node_drop", cfg.faults.node_drop)
@@ -168,4 +171,6 @@ def from_dict(d: dict) -> RunConfig:
         raise ConfigError(f"config: {err}") from None
     if d:
         raise ConfigError(f"{sorted(d)[0]}: unknown key")
-    return validate(cfg)
+    cfg = validate(cfg)
+    model = dataclasses.replace(cfg.model, impl=impls.resolve(cfg.model.impl))
+    return dataclasses.replace(cfg, model=model)

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from ggans import adam
-from ggans.gradsum import merge_kernel_grads
+from ggans import impls
 from ggans.models import ARCHS, Discriminator, Generator, l2_penalty
 
 LOSSES = ("wgan_gp", "nonsat")
@@ -38,25 +37,33 @@ class GanSpec:
     beta2: float = 0.999
     weight_decay: float = 2.5e-5
     bn_momentum: float = 0.999
-    impl: str = "fast"  # ggans.layers convolutions; "flax" for flax.linen's own
+    impl: str = "auto"  # the layer set (ggans.impls): auto | patches | flax | cpu | ...
+    precision: str = "default"  # the layers' products: default | highest | bf16
 
     @property
     def generator(self) -> Generator:
-        return Generator(ARCHS[self.arch], self.bn_momentum, self.impl)
+        return Generator(ARCHS[self.arch], self.bn_momentum, self.impl, self.precision)
 
     @property
     def discriminator(self) -> Discriminator:
-        return Discriminator(ARCHS[self.arch], self.impl)
+        return Discriminator(ARCHS[self.arch], self.impl, self.precision)
 
     @property
     def g_adam(self) -> dict[str, float]:
-        """G's optimiser: ``optax.adam(**g_adam)``, stepped by :func:`ggans.adam.step`."""
+        """G's optimiser: ``optax.adam(**g_adam)``."""
         return {"learning_rate": self.g_lr, "b1": self.beta1, "b2": self.beta2}
 
     @property
     def d_adam(self) -> dict[str, float]:
-        """D's optimiser: ``optax.adam(**d_adam)``, stepped by :func:`ggans.adam.step`."""
+        """D's optimiser: ``optax.adam(**d_adam)``."""
         return {"learning_rate": self.d_lr, "b1": self.beta1, "b2": self.beta2}
+
+
+def _adam_step(impl: impls.Impl, adam: dict[str, float], grads, state, params):
+    """``optax.adam(**adam)``'s update applied to ``params``, or the layer set's fused step."""
+    if impl.adam_step is not None:
+        return impl.adam_step(grads, state, params, **adam)
+    return impls.apply_optimizer(optax.adam(**adam), grads, state, params)
 
 
 class GanState(struct.PyTreeNode):
@@ -115,6 +122,7 @@ def train_step(
     ``real`` is a minibatch [B, 28, 28, 1] already in the model's range.
     """
     gen, disc = spec.generator, spec.discriminator
+    impl = impls.get(spec.impl)
     z_d, z_g, gp_key = jax.random.split(key, 3)
     batch = real.shape[0]
 
@@ -141,11 +149,11 @@ def train_step(
         loss = loss + spec.weight_decay * l2_penalty(d_params, skip="logit")
         return loss, (wasserstein, gp)
 
-    # Under WGAN-GP, D's dense kernels get three gradient products (real and fake images,
-    # interpolates, the penalty's input gradient): one product on stacked rows instead.
-    d_value_and_grad = merge_kernel_grads(jax.value_and_grad(d_loss_fn, has_aux=True))
+    d_value_and_grad = jax.value_and_grad(d_loss_fn, has_aux=True)
+    if impl.wrap_d_grad is not None:
+        d_value_and_grad = impl.wrap_d_grad(d_value_and_grad)
     (d_loss, (wasserstein, gp)), d_grads = d_value_and_grad(state.d_params)
-    d_params, d_opt = adam.step(d_grads, state.d_opt, state.d_params, **spec.d_adam)
+    d_params, d_opt = _adam_step(impl, spec.d_adam, d_grads, state.d_opt, state.d_params)
 
     def g_loss_fn(g_params):
         fake, new_vars = g_forward(g_params, jax.random.normal(z_g, (batch, spec.noise_dim)))
@@ -156,7 +164,7 @@ def train_step(
         return loss, new_vars["batch_stats"]
 
     (g_loss, g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
-    g_params, g_opt = adam.step(g_grads, state.g_opt, state.g_params, **spec.g_adam)
+    g_params, g_opt = _adam_step(impl, spec.g_adam, g_grads, state.g_opt, state.g_params)
 
     new_state = GanState(g_params, g_stats, d_params, g_opt, d_opt)
     return new_state, StepMetrics(g_loss, d_loss, wasserstein, gp)

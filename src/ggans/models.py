@@ -1,8 +1,9 @@
 """The TF MNIST GAN (reference-notes section 1) in Flax: generator and discriminator.
 
 ``paper`` is the published model; ``tiny`` keeps its shapes with narrow layers, for tests and
-quick runs. ``impl="fast"`` swaps in the layers of :mod:`ggans.layers`, which compute the
-same function with the same parameters but run far faster under ``vmap`` on XLA's CPU backend.
+quick runs. The layers come from the layer set named by ``impl`` (:mod:`ggans.impls`): each
+computes the same function with the same parameters. ``precision`` sets how the layers' matrix
+products run (:data:`PRECISIONS`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from ggans import impls
 
 # TF1 layer defaults: Glorot-uniform weights, zero biases.
 _init = nn.initializers.glorot_uniform()
@@ -34,15 +38,34 @@ ARCHS = {
 }
 
 
-def _layers(impl: str):
-    """Dense, Conv and ConvTranspose of the chosen implementation."""
-    if impl == "flax":
-        return nn.Dense, nn.Conv, nn.ConvTranspose
-    if impl == "fast":
-        from ggans import layers
+#: How the layers' products run: ``default`` is JAX's own (exact float32 on a CPU; TF32 on
+#: recent NVIDIA GPUs), ``highest`` exact float32 everywhere, ``bf16`` bfloat16 operands with
+#: float32 parameters, accumulation and every other operation.
+PRECISIONS = ("default", "highest", "bf16")
 
-        return layers.Dense, layers.Conv, layers.ConvTranspose
-    raise ValueError(f"model.impl={impl!r}: must be flax or fast")
+
+def _layers(impl: str, precision: str):
+    """Dense, Conv and ConvTranspose of layer set ``impl`` at ``precision``: each a function of
+    the layer's arguments returning float32 outputs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"model.precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
+    kinds = impls.get(impl)
+    extra = {
+        "default": {},
+        "highest": {"precision": lax.Precision.HIGHEST},
+        "bf16": {"dtype": jnp.bfloat16},
+    }[precision]
+
+    def wrap(layer):
+        def make(*args, **kwargs):
+            module = layer(*args, **kwargs, **extra)
+            if precision != "bf16":
+                return module
+            return lambda x: module(x).astype(jnp.float32)
+
+        return make
+
+    return wrap(kinds.dense), wrap(kinds.conv), wrap(kinds.conv_transpose)
 
 
 class Generator(nn.Module):
@@ -53,11 +76,12 @@ class Generator(nn.Module):
 
     arch: Arch = Arch()
     bn_momentum: float = 0.999
-    impl: str = "flax"
+    impl: str = "auto"
+    precision: str = "default"
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
-        dense, conv, conv_t = _layers(self.impl)
+        dense, conv, conv_t = _layers(self.impl, self.precision)
 
         def bn(x):
             return nn.BatchNorm(
@@ -84,11 +108,12 @@ class Discriminator(nn.Module):
     """images [B, 28, 28, 1] -> logits [B] (a critic value under WGAN-GP)."""
 
     arch: Arch = Arch()
-    impl: str = "flax"
+    impl: str = "auto"
+    precision: str = "default"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense, conv, _ = _layers(self.impl)
+        dense, conv, _ = _layers(self.impl, self.precision)
         a = self.arch
         for width in a.d_convs:
             x = conv(width, (4, 4), strides=(2, 2), padding="SAME", kernel_init=_init)(x)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ggans import impls
 from ggans.checkpoint import Checkpointer
 from ggans.config import RunConfig
 from ggans.data import load_mnist, pad_shards, split_indices, subsample
@@ -31,7 +32,8 @@ from ggans.sharding import replica_sharding, replicated
 from ggans.training import RoundInfo, Shards, iterate_rounds
 
 log = logging.getLogger("ggans")
-OPERATIONAL = ("checkpoint_every", "on_nan", "shard", "chunk")  # may change when a run is resumed
+# may change when a run is resumed (model.impl: the layer set, same function to float rounding)
+OPERATIONAL = ("checkpoint_every", "on_nan", "shard", "chunk", "model.impl")
 TRAIN_SIGNALS = ("g_loss", "d_loss", "wasserstein", "gradient_penalty")
 
 
@@ -241,6 +243,8 @@ def run(
         "split": cfg.data.split,
         "local_steps": cfg.local_steps,
         "seed": cfg.seed,
+        "impl": impls.resolve(cfg.model.impl),
+        "precision": cfg.model.precision,
         "wall_time": wall,
         "replica_steps_per_s": cfg.nodes
         * (cfg.iterations - start * cfg.local_steps)

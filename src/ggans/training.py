@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ggans import protocols
+from ggans import impls, protocols
 from ggans.data import to_model_range
 from ggans.gan import GanSpec, GanState, StepMetrics, train_step
 from ggans.protocols import Faults, Traffic
@@ -170,27 +170,25 @@ def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key, r, activ
     return state, RoundInfo(metrics, traffic, finite)
 
 
-# On XLA's CPU backend, copy insertion with region analysis keeps fewer copies of the state in
-# the loop body (the paper model at N = 2: 200 copies instead of 287, two of the four copies of
-# its 25.7 MB kernels per step gone); see the README's performance section for the speed.
-CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# One jitted function per set of compiler options, shared by every run in the process (and one
+# compiled program per RoundSpec and shapes).
+_jitted: dict[tuple, Callable] = {}
 
 
-def _jit_round(options: dict | None) -> Callable:
-    try:
-        return jax.jit(_round, static_argnums=0, donate_argnums=1, compiler_options=options)
-    except TypeError:  # a jax without per-function compiler options
-        return jax.jit(_round, static_argnums=0, donate_argnums=1)
-
-
-# One compiled function per (RoundSpec, shapes) and backend, shared by every run in the process.
-_jitted = {"cpu": _jit_round(CPU_COMPILER_OPTIONS), None: _jit_round(None)}
-
-
-def compiled_round() -> Callable:
-    """The jitted ``_round(spec, state, shards, train_key, r, active)`` for the default
-    backend (with :data:`CPU_COMPILER_OPTIONS` on the CPU); its ``.lower`` is for profiling."""
-    return _jitted.get(jax.default_backend(), _jitted[None])
+def compiled_round(spec: RoundSpec | None = None) -> Callable:
+    """The jitted ``_round(spec, state, shards, train_key, r, active)``, with the compiler
+    options of ``spec``'s layer set on its platform; its ``.lower`` is for profiling."""
+    options: dict = {}
+    if spec is not None:
+        impl = impls.get(spec.gan.impl)
+        if impl.platforms is None or jax.default_backend() in impl.platforms:
+            options = dict(impl.compiler_options)
+    key = tuple(sorted(options.items()))
+    if key not in _jitted:
+        _jitted[key] = jax.jit(
+            _round, static_argnums=0, donate_argnums=1, compiler_options=options or None
+        )
+    return _jitted[key]
 
 
 def make_round(spec: RoundSpec):
@@ -201,7 +199,7 @@ def make_round(spec: RoundSpec):
     are donated: a round updates them in place.
     """
 
-    compiled = compiled_round()
+    compiled = compiled_round(spec)
 
     def round_fn(state, shards, train_key, r, active=None):
         if active is None:

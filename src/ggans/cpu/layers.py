@@ -64,7 +64,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from ggans import onednn
+from ggans.cpu import onednn
 
 __all__ = [
     "Conv",

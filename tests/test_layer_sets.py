@@ -1,5 +1,6 @@
-"""ggans.layers.Conv / ConvTranspose / Dense against flax.linen: values, gradients of first and
-second order (WGAN-GP style), single and under vmap over stacked params, float32 and float64."""
+"""Every layer set's Conv / ConvTranspose / Dense against flax.linen: values, gradients of first
+and second order (WGAN-GP style), single and under vmap over stacked params, float32 and float64;
+then what the CPU plug-in's layers (``ggans.cpu.layers``) emit."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import assert_close
-from ggans import layers
+from ggans import impls
+from ggans.cpu import layers
+
+# the layer sets compared with Flax's own ("flax" itself is the reference)
+LAYER_SETS = ["patches", "cpu"]
 
 # (name, kind, input shape without batch, kwargs); the first five are the TF MNIST GAN's layers
 GAN_CASES = [
@@ -84,16 +89,17 @@ SMALL_CASES = GAN_SMALL + ODD_CASES + DENSE_SMALL
 VMAP_CASES = [GAN_SMALL[0], GAN_SMALL[2], DENSE_SMALL[0], ODD_CASES[6]]
 
 
-def _modules(kind, kw, dtype=jnp.float32):
+def _modules(kind, kw, dtype=jnp.float32, impl="cpu"):
+    new = impls.get(impl)
     if kind == "dense":
-        return nn.Dense(param_dtype=dtype, **kw), layers.Dense(param_dtype=dtype, **kw)
+        return nn.Dense(param_dtype=dtype, **kw), new.dense(param_dtype=dtype, **kw)
     if kind == "conv":
-        return nn.Conv(param_dtype=dtype, **kw), layers.Conv(param_dtype=dtype, **kw)
-    return nn.ConvTranspose(param_dtype=dtype, **kw), layers.ConvTranspose(param_dtype=dtype, **kw)
+        return nn.Conv(param_dtype=dtype, **kw), new.conv(param_dtype=dtype, **kw)
+    return nn.ConvTranspose(param_dtype=dtype, **kw), new.conv_transpose(param_dtype=dtype, **kw)
 
 
-def _setup(kind, shape, kw, batch=4, dtype=jnp.float32, seed=0):
-    ref, new = _modules(kind, kw, dtype)
+def _setup(kind, shape, kw, batch=4, dtype=jnp.float32, seed=0, impl="cpu"):
+    ref, new = _modules(kind, kw, dtype, impl)
     kx, kp, kn = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(kx, (batch, *shape), dtype)
     params = ref.init(kp, x)
@@ -129,10 +135,11 @@ def _all_orders(m):
     return jax.jit(lambda p, x: (m.apply(p, x), first(p, x), second(p, x)))
 
 
+@pytest.mark.parametrize("impl", LAYER_SETS)
 @pytest.mark.parametrize("name,kind,shape,kw", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
-def test_gradients_float64(name, kind, shape, kw):
+def test_gradients_float64(name, kind, shape, kw, impl):
     with jax.enable_x64(True):
-        ref, new, params, x = _setup(kind, shape, kw, batch=2, dtype=jnp.float64)
+        ref, new, params, x = _setup(kind, shape, kw, batch=2, dtype=jnp.float64, impl=impl)
         x = x.astype(jnp.float64)
         assert jax.tree.leaves(params)[0].dtype == jnp.float64
         key = jax.random.key(3)
@@ -143,9 +150,10 @@ def test_gradients_float64(name, kind, shape, kw):
             assert_close(out_ref[i], out_new[i], 1e-11, what)
 
 
+@pytest.mark.parametrize("impl", LAYER_SETS)
 @pytest.mark.parametrize("name,kind,shape,kw", FULL_SIZE, ids=[c[0] for c in FULL_SIZE])
-def test_gradients_float32(name, kind, shape, kw):
-    ref, new, params, x = _setup(kind, shape, kw, batch=2)
+def test_gradients_float32(name, kind, shape, kw, impl):
+    ref, new, params, x = _setup(kind, shape, kw, batch=2, impl=impl)
     key = jax.random.key(3)
     assert_close(ref.init(key, x), new.init(key, x), 0.0, "init")  # same initialisers
     out_ref = _all_orders(ref)(params, x)
@@ -160,13 +168,16 @@ def _stack(trees):
     return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
+@pytest.mark.parametrize("impl", LAYER_SETS)
 @pytest.mark.parametrize("name,kind,shape,kw", VMAP_CASES, ids=[c[0] for c in VMAP_CASES])
-def test_vmap_over_stacked_params(name, kind, shape, kw):
+def test_vmap_over_stacked_params(name, kind, shape, kw, impl):
     """Replicas: params and inputs both batched; also shared params / shared inputs (these
     take other batching rules), and nested vmap with the batch axis not in front."""
     with jax.enable_x64(True):
         n = 3
-        setups = [_setup(kind, shape, kw, batch=2, dtype=jnp.float64, seed=s) for s in range(n)]
+        setups = [
+            _setup(kind, shape, kw, batch=2, dtype=jnp.float64, seed=s, impl=impl) for s in range(n)
+        ]
         ref, new = setups[0][0], setups[0][1]
         P = _stack([s[2] for s in setups])
         X = jnp.stack([s[3] for s in setups]).astype(jnp.float64)
@@ -204,16 +215,18 @@ def test_vmap_unrolled_replicas(monkeypatch):
         assert_close(looped, unrolled, 1e-13, "unrolled")
 
 
-def test_batch_dims_like_flax():
+@pytest.mark.parametrize("impl", LAYER_SETS)
+def test_batch_dims_like_flax(impl):
     cases = (GAN_CASES[1], GAN_CASES[2], DENSE_CASES[0])
     for kind, shape, kw in [(c[1], c[2], c[3]) for c in cases]:
-        ref, new, params, x = _setup(kind, shape, kw, batch=2)
+        ref, new, params, x = _setup(kind, shape, kw, batch=2, impl=impl)
         x3 = jnp.stack([x, 2 * x])  # two leading batch dims
         assert_close(ref.apply(params, x3), new.apply(params, x3), 2e-6, "2 batch dims")
         assert_close(ref.apply(params, x[0]), new.apply(params, x[0]), 2e-6, "no batch dim")
 
 
-def test_vmap_float32_wgangp_discriminator():
+@pytest.mark.parametrize("impl", LAYER_SETS)
+def test_vmap_float32_wgangp_discriminator(impl):
     """The TF MNIST GAN's discriminator with WGAN-GP, vmapped over 2 replicas."""
 
     class D(nn.Module):
@@ -221,7 +234,7 @@ def test_vmap_float32_wgangp_discriminator():
 
         @nn.compact
         def __call__(self, x):
-            conv = nn.Conv if self.impl == "flax" else layers.Conv
+            conv = impls.get(self.impl).conv
             x = nn.leaky_relu(conv(64, (4, 4), strides=(2, 2))(x), 0.01)
             x = nn.leaky_relu(conv(128, (4, 4), strides=(2, 2))(x), 0.01)
             x = nn.Dense(64)(x.reshape(x.shape[0], -1))
@@ -248,7 +261,7 @@ def test_vmap_float32_wgangp_discriminator():
     params = jax.vmap(D("flax").init)(jax.random.split(k[3], n), real)
     assert_close(
         d_grad(D("flax"))(params, real, fake, eps),
-        d_grad(D("fast"))(params, real, fake, eps),
+        d_grad(D(impl))(params, real, fake, eps),
         1e-4,
         "D grad",
     )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.extend import core, source_info_util
 from jax.extend.core import primitives
 
-from ggans import layers
+from ggans.cpu import layers
 
 _TN = (((0,), (0,)), ((), ()))  # contract the rows of both operands: x^T @ y
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from ggans import onednn
+from ggans.cpu import onednn
 
 __all__ = ["FUSED_MIN", "step"]
 

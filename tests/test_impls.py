@@ -1,0 +1,131 @@
+"""Layer sets by name: a core that imports no CPU-specific code, ``auto``, refusals, plug-ins."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, synthetic_shards
+from ggans import impls
+from ggans.config import from_dict
+from ggans.errors import ConfigError
+from ggans.gan import GanSpec
+from ggans.replicas import init_replicas
+from ggans.training import RoundSpec, make_round
+
+CORE = [
+    "ggans.data",
+    "ggans.models",
+    "ggans.gan",
+    "ggans.replicas",
+    "ggans.protocols",
+    "ggans.training",
+    "ggans.metrics",
+    "ggans.evaluation",
+    "ggans.config",
+    "ggans.run",
+]
+
+
+def test_core_imports_and_trains_without_any_cpu_specific_module():
+    """Importing the core and training a round on the accelerator layers loads nothing of
+    ``ggans.cpu``, and builds nothing."""
+    code = f"""
+import sys, jax
+for m in {CORE!r}:
+    __import__(m)
+from ggans.gan import GanSpec
+from ggans.replicas import init_replicas
+from ggans.training import RoundSpec, make_round
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from conftest import synthetic_shards
+gan = GanSpec(arch="tiny", noise_dim=8, batch_size=4, impl="patches")
+state = init_replicas(gan, jax.random.key(0), 2)
+make_round(RoundSpec(gan=gan, local_steps=1))(state, synthetic_shards(2, 8), jax.random.key(1), 0)
+loaded = sorted(m for m in sys.modules if m.startswith("ggans.cpu") or "onednn" in m)
+print("LOADED", loaded)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED []" in out.stdout
+
+
+def test_auto_is_the_cpu_plugin_on_a_cpu_and_patches_elsewhere(monkeypatch):
+    assert impls.resolve("auto", "gpu") == "patches"
+    assert impls.resolve("auto", "tpu") == "patches"
+    assert impls.resolve("auto", "cpu") == "cpu"
+    assert impls.resolve("flax", "cpu") == "flax"
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    assert impls.resolve("auto", "cpu") == "patches"  # no [cpu] extra: the accelerator layers
+
+
+def test_an_explicit_choice_that_cannot_run_is_one_config_error(monkeypatch):
+    with pytest.raises(ConfigError, match=r"model.impl='cpu': runs on cpu only.*allowed here: "):
+        impls.check("cpu", "gpu")
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ConfigError, match=r"model.impl='cpu': needs the cpu extra") as err:
+        from_dict({"model": {"impl": "cpu"}})
+    assert "\n" not in str(err.value)
+    assert "auto, patches, flax" in str(err.value)
+    with pytest.raises(ConfigError, match="model.impl='nope': must be one of auto, patches"):
+        from_dict({"model": {"impl": "nope"}})
+
+
+def test_config_records_the_resolved_layer_set_and_precision():
+    cfg = from_dict({"model": {"arch": "tiny", "precision": "highest"}})
+    assert cfg.model.impl == impls.resolve("auto")
+    assert cfg.model.precision == "highest"
+    with pytest.raises(ConfigError, match="model.precision='fp8': must be one of default"):
+        from_dict({"model": {"precision": "fp8"}})
+
+
+class Dense(nn.Dense):
+    """A toy layer set's Dense: Flax's (same name, so the same parameter names), doubled."""
+
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+def test_a_layer_set_registered_from_outside_the_package_is_used_by_the_round():
+    impls.register(
+        "toy_doubled",
+        lambda: impls.Impl("toy_doubled", Dense, nn.Conv, nn.ConvTranspose, "test"),
+    )
+    try:
+        assert "toy_doubled" in impls.names()
+        assert from_dict({"model": {"arch": "tiny", "impl": "toy_doubled"}}).model.impl == (
+            "toy_doubled"
+        )
+        toy = GanSpec(arch="tiny", noise_dim=8, batch_size=4, impl="toy_doubled")
+        plain = dataclasses.replace(toy, impl="flax")
+        x = jax.random.normal(jax.random.key(2), (3, 28, 28, 1))
+        params = plain.discriminator.init(jax.random.key(0), x)
+        # D's hidden dense layer feeds a LayerNorm (blind to the doubling); its logit doubles
+        np.testing.assert_allclose(
+            toy.discriminator.apply(params, x),
+            2.0 * plain.discriminator.apply(params, x),
+            rtol=1e-4,
+        )
+        out, info = make_round(RoundSpec(gan=toy, local_steps=1))(
+            init_replicas(toy, jax.random.key(0), 2), synthetic_shards(2, 8), jax.random.key(1), 0
+        )
+        assert np.asarray(info.finite).all()
+    finally:
+        impls._REGISTRY.pop("toy_doubled")
+        impls._LOADED.pop("toy_doubled", None)
