@@ -10,8 +10,8 @@ import jax.numpy as jnp
 
 from conftest import assert_close
 from ggans.cpu import layers
-from ggans.gan import GanSpec, _gradient_penalty, init_gan
 from ggans.cpu.gradsum import merge_kernel_grads
+from ggans.gan import GanSpec, _gradient_penalty, init_gan
 from ggans.models import l2_penalty
 
 

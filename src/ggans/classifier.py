@@ -108,8 +108,13 @@ class FrozenClassifier(NamedTuple):
 
 
 def init_params(seed: int = 0) -> Any:
-    """Freshly initialised parameters (used by :func:`train` and to restore shipped bytes)."""
+    """Freshly initialised parameters (used by :func:`train`)."""
     return Classifier().init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 1)))["params"]
+
+
+def _params_shape() -> Any:
+    """The parameters' tree of shapes, to restore saved bytes into (no initialisation run)."""
+    return jax.eval_shape(init_params)
 
 
 def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
@@ -261,7 +266,7 @@ def load_classifier(path: str | None = None) -> FrozenClassifier:
             f"classifier: {weights} has sha256 {sha}, but {meta_path} records "
             f"{meta.get('sha256')}; the weights file is corrupt or was replaced"
         )
-    params = serialization.from_bytes(init_params(0), blob)
+    params = jax.tree.map(jnp.asarray, serialization.from_bytes(_params_shape(), blob))
     return FrozenClassifier(
         classifier_logits, classifier_features, classifier_outputs, params, sha, meta
     )
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     init, stage1 = None, None
     if args.init:
         init_path = Path(args.init)
-        init = serialization.from_bytes(init_params(0), init_path.read_bytes())
+        init = serialization.from_bytes(_params_shape(), init_path.read_bytes())
         stage1_json = init_path.with_suffix(".json")
         stage1 = json.loads(stage1_json.read_text()) if stage1_json.is_file() else {}
         stage1["sha256"] = hashlib.sha256(init_path.read_bytes()).hexdigest()

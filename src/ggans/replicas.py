@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -16,12 +18,18 @@ def init_replicas(spec: GanSpec, key: jax.Array, n: int, init: str = "shared") -
     ``shared``: every machine starts from the same weights (as federated averaging usually
     does); ``independent``: machine i is initialised from ``split(key, n)[i]``.
     """
+    if init not in INITS:
+        raise ValueError(f"init={init!r}: must be one of {', '.join(INITS)}")
+    return _init_replicas(spec, key, n, init)
+
+
+@partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_replicas(spec: GanSpec, key: jax.Array, n: int, init: str) -> GanState:
+    # One compiled program (eagerly, each initialiser op would be compiled on its own: seconds).
     if init == "shared":
         one = init_gan(spec, key)
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape).copy(), one)
-    if init == "independent":
-        return jax.vmap(lambda k: init_gan(spec, k))(jax.random.split(key, n))
-    raise ValueError(f"init={init!r}: must be one of {', '.join(INITS)}")
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), one)
+    return jax.vmap(lambda k: init_gan(spec, k))(jax.random.split(key, n))
 
 
 def num_replicas(state: GanState) -> int:

@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ggans import impls
+from ggans import impls, memory
 from ggans.checkpoint import Checkpointer
 from ggans.config import RunConfig
 from ggans.data import load_mnist, pad_shards, split_indices, subsample
@@ -29,7 +30,7 @@ from ggans.progress import progress_bar
 from ggans.records import append_jsonl, describe, read_jsonl, write_json
 from ggans.replicas import init_replicas
 from ggans.sharding import replica_sharding, replicated
-from ggans.training import RoundInfo, Shards, iterate_rounds
+from ggans.training import RoundInfo, Shards, iterate_rounds, lower_round
 
 log = logging.getLogger("ggans")
 # may change when a run is resumed (model.impl: the layer set, same function to float rounding)
@@ -133,6 +134,10 @@ def run(
     _check_same_config(out / "run_config.json", cfg)
     mnist = load_mnist(cfg.data.dir) if mnist is None else mnist
     sharding = replica_sharding(cfg.nodes) if cfg.shard else None
+    state_shape = jax.eval_shape(
+        lambda k: init_replicas(cfg.model, k, cfg.nodes, cfg.init), jax.random.key(cfg.seed)
+    )
+    memory.check_state_fits(state_shape, mnist.train_images.nbytes, cfg.nodes)
     shards = make_shards(cfg, mnist)
     state = init_replicas(cfg.model, jax.random.key(cfg.seed), cfg.nodes, cfg.init)
     if sharding is not None:
@@ -189,6 +194,14 @@ def run(
         sizes.tolist() if cfg.nodes <= 10 else f"{sizes.min()} to {sizes.max()}",
     )
     spec = dataclasses.replace(cfg.round_spec, sharding=sharding)
+    spec = memory.fit_round(spec, partial(lower_round, state, shards, train_key), cfg.nodes)
+    log.info(
+        "%s: layers %s, precision %s, %s machines trained at once",
+        cfg.name,
+        cfg.model.impl,
+        cfg.model.precision,
+        spec.chunk or cfg.nodes,
+    )
     rounds = iterate_rounds(
         spec, state, shards, train_key, cfg.rounds, start, active=lambda: jnp.asarray(~excluded)
     )

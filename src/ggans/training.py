@@ -191,6 +191,13 @@ def compiled_round(spec: RoundSpec | None = None) -> Callable:
     return _jitted[key]
 
 
+def lower_round(state: GanState, shards: Shards, train_key: jax.Array, spec: RoundSpec):
+    """The round for ``spec`` lowered for these arguments; ``.compile()`` fills the cache that
+    :func:`make_round`'s calls then hit."""
+    active = jnp.ones(shards.size.shape, bool)
+    return compiled_round(spec).lower(spec, state, shards, train_key, jnp.int32(0), active)
+
+
 def make_round(spec: RoundSpec):
     """The jitted round ``(state, shards, train_key, r[, active]) -> (state, RoundInfo)``.
 
