@@ -74,3 +74,32 @@ def test_cuda_round_of_the_cpu_plugin_runs_machines_one_by_one():
     """The check above fails for the CPU plug-in's layers, which loop over the replicas."""
     mlir = exported_round("cpu")
     assert len(serial_products(mlir, N)) > 10
+
+
+def _products(mlir: str) -> list[str]:
+    return [line for line in mlir.splitlines() if _OP.search(line)]
+
+
+@pytest.mark.parametrize("precision", ["default", "highest", "bf16"])
+def test_precision_reaches_every_layer_product_and_never_the_exchange(precision, monkeypatch):
+    """``highest`` asks every layer product for exact float32, ``bf16`` gives them bfloat16
+    operands; ``default`` leaves the choice to the backend (TF32 on recent GPUs). The mixing
+    of the stacked models is exact float32 whatever the setting."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    gan = GanSpec(arch="tiny", noise_dim=16, batch_size=8, impl="patches", precision=precision)
+    spec = RoundSpec(gan=gan, protocol="federated", local_steps=2, form="dense")
+    state = init_replicas(gan, jax.random.key(0), N)
+    fn = jax.jit(partial(_round, spec))
+    args = (state, synthetic_shards(N, 8 * N), jax.random.key(1), jnp.int32(0), jnp.ones(N, bool))
+    mlir = export.export(fn, platforms=("cuda",))(*args).mlir_module()
+    mixing = [p for p in _products(mlir) if f"tensor<{N}x{N}xf32>" in p]
+    layers = [p for p in _products(mlir) if p not in mixing]
+    assert mixing and all("HIGHEST" in p for p in mixing)
+    assert len(layers) > 20
+    if precision == "highest":
+        assert all("precision = [HIGHEST, HIGHEST]" in p for p in layers)
+    else:
+        assert not any("HIGHEST" in p for p in layers)
+    # bf16: every product reads bfloat16 operands (kernel gradients included)
+    bf16 = [p for p in layers if re.search(r"\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\)", p)]
+    assert len(bf16) == (len(layers) if precision == "bf16" else 0)

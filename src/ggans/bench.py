@@ -36,13 +36,19 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def matmul_peak_gflops(size: int = 2048, seconds: float = 1.0) -> float:
-    """float32 matmul GFLOP/s of this process's default device."""
+def matmul_peak_gflops(
+    size: int | None = None, seconds: float = 1.0, precision: str = "default"
+) -> float:
+    """Matmul GFLOP/s of this process's default device at a layer precision (``default``:
+    float32 at JAX's default, TF32 on recent GPUs; ``highest``; ``bf16``)."""
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((size, size), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
+    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    x = jnp.ones((size, size), dtype)
+    prec = jax.lax.Precision.HIGHEST if precision == "highest" else None
+    f = jax.jit(lambda a: jnp.matmul(a, a, precision=prec, preferred_element_type=jnp.float32))
     f(x).block_until_ready()
     k, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -232,12 +238,20 @@ def run_one(job: dict) -> dict:
     kind = job.pop("kind")
     out = dict(job, kind=kind)
     if kind == "round":
+        precision = job.get("precision", "default")
         out.update(
             bench_round(
-                job["arch"], job["loss"], job["n"], job["steps"], job["repeats"], job.get("chunk")
+                job["arch"],
+                job["loss"],
+                job["n"],
+                job["steps"],
+                job["repeats"],
+                job.get("chunk"),
+                job.get("impl", "auto"),
+                precision,
             )
         )
-        out["matmul_gflops"] = matmul_peak_gflops()
+        out["matmul_gflops"] = matmul_peak_gflops(precision=precision)
         out["peak_share"] = (
             out["round_rate_median"] * out["flops_per_replica_step"] / 1e9 / out["matmul_gflops"]
         )
@@ -252,6 +266,10 @@ def run_one(job: dict) -> dict:
 
     out["device"] = str(jax.devices()[0].device_kind)
     out["jax"] = jax.__version__
+    if kind == "round":
+        from ggans import impls
+
+        out["impl"] = impls.resolve(job.get("impl", "auto"))
     if jax.default_backend() == "cpu":
         from ggans.cpu import onednn
 
@@ -300,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="paper,tiny")
     ap.add_argument("--losses", default="wgan_gp,nonsat")
     ap.add_argument("--nodes", default="1,10,100")
+    ap.add_argument("--impls", default="auto", help="layer sets (model.impl), comma-separated")
+    ap.add_argument("--precisions", default="default", help="default, highest, bf16")
     ap.add_argument("--steps", type=int, default=5, help="local steps per timed round")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=None, help="machines per vmapped chunk")
@@ -330,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(results, f, indent=1)
 
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    combos = [(i, p) for i in a.impls.split(",") for p in a.precisions.split(",")]
     for arch in a.models.split(","):
         for loss in a.losses.split(","):
             for n in ints(a.nodes):
@@ -337,20 +358,10 @@ def main(argv: list[str] | None = None) -> None:
                 # Never one step: a chunked round of K = 1 keeps a second copy of the state.
                 steps = a.steps if n <= 10 else max(2, a.steps // 2)
                 reps = a.repeats if n <= 10 else 2
-                record(
-                    _spawn(
-                        dict(
-                            kind="round",
-                            arch=arch,
-                            loss=loss,
-                            n=n,
-                            steps=steps,
-                            repeats=reps,
-                            chunk=chunk,
-                        ),
-                        a.timeout,
-                    )
-                )
+                for impl, precision in combos:
+                    job = dict(kind="round", arch=arch, loss=loss, n=n, steps=steps)
+                    job.update(repeats=reps, chunk=chunk, impl=impl, precision=precision)
+                    record(_spawn(job, a.timeout))
                 if not a.no_naive:
                     nsteps = max(1, min(a.steps, a.naive_max_replica_steps // n))
                     record(
@@ -377,25 +388,31 @@ def _rate(x: float | None) -> str:
 
 def print_table(results: list[dict], torch: dict) -> None:
     """The summary table: rates, ratios, compile time, memory, share of the matmul peak."""
-    rounds = {(r["arch"], r["loss"], r["n"]): r for r in results if r.get("kind") == "round"}
-    naive = {(r["arch"], r["loss"], r["n"]): r for r in results if r.get("kind") == "naive"}
+
+    def key(r):
+        return r["arch"], r["loss"], r["n"]
+
+    rounds = [r for r in results if r.get("kind") == "round"]
+    naive = {key(r): r for r in results if r.get("kind") == "naive"}
     print(
-        "| model | loss | N | round r-steps/s (min / median) | naive loop | ratio | torch loop "
-        "| vs torch | compile s | peak GiB | matmul peak share |"
+        "| model | loss | N | layers | precision | round r-steps/s (min / median) | naive loop "
+        "| ratio | torch loop | vs torch | compile s | peak GiB | matmul peak share |"
     )
-    print("| --- " * 11 + "|")
-    for key, r in rounds.items():
+    print("| --- " * 13 + "|")
+    for r in rounds:
+        k = key(r)
+        head = f"| {k[0]} | {k[1]} | {k[2]} | {r.get('impl', '-')} | {r.get('precision', '-')} |"
         if "error" in r:
-            print(f"| {key[0]} | {key[1]} | {key[2]} | error: {r['error']} |")
+            print(f"{head} error: {r['error']} |")
             continue
-        nv = naive.get(key, {})
+        nv = naive.get(k, {})
         nrate = nv.get("naive_rate_median")
         ratio = f"{r['round_rate_median'] / nrate:.2f}x" if nrate else "-"
-        t = torch.get(key[1], {}) if key[0] == "paper" and key[2] == 10 else {}
+        t = torch.get(k[1], {}) if k[0] == "paper" and k[2] == 10 else {}
         trate = t.get("replica_steps_per_s_median")
         vs = f"{r['round_rate_median'] / trate:.2f}x" if trate else "-"
         print(
-            f"| {key[0]} | {key[1]} | {key[2]} | {r['round_rate_min']:.2f} / "
+            f"{head} {r['round_rate_min']:.2f} / "
             f"{r['round_rate_median']:.2f} | {_rate(nrate)} | {ratio} | {_rate(trate)} | {vs} | "
             f"{r['compile_s']:.1f} | {r['peak_memory_gib']:.2f} | {r['peak_share']:.0%} |"
         )

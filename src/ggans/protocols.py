@@ -170,13 +170,16 @@ def mix_dense(mixing: Mixing, tree: PyTree, block: int = MIX_BLOCK) -> PyTree:
     A zero weight never lets a non-finite model in (0 * nan would), and a machine that only
     keeps its own model keeps it exactly. A leaf larger than ``block`` values per machine is
     mixed in place, a block of its second axis at a time: block b of the result needs only
-    block b of every machine, so the temporaries are one block, not a copy of the leaf.
+    block b of every machine, so the temporaries are one block, not a copy of the leaf. The
+    product is exact float32 on every backend (TF32 would round every model at every exchange).
     """
     w = mixing.matrix()
     keep = jnp.diagonal(w) == 1.0
 
     def mixed(x):
-        y = jnp.einsum("ij,j...->i...", w, jnp.where(jnp.isfinite(x), x, 0)).astype(x.dtype)
+        finite = jnp.where(jnp.isfinite(x), x, 0)
+        y = jnp.einsum("ij,j...->i...", w, finite, precision=jax.lax.Precision.HIGHEST)
+        y = y.astype(x.dtype)
         return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
 
     def leaf(x):
