@@ -216,10 +216,7 @@ def run_one(mode, n, bn, repeats, min_time, max_steps, loss="nonsat"):
     canary = canary_gflops()
     torch.manual_seed(0)
     real = [torch.rand(n, B, 1, 28, 28) * 2 - 1 for _ in range(2)]
-    if mode == "loop":
-        step = make_loop(n, bn, loss)
-    else:
-        step = make_func(n, bn)
+    step = make_loop(n, bn, loss) if mode == "loop" else make_func(n, bn)
     t0 = time.perf_counter()
     step(real[0])
     first_s = time.perf_counter() - t0
