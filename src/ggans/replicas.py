@@ -23,6 +23,11 @@ def init_replicas(spec: GanSpec, key: jax.Array, n: int, init: str = "shared") -
     return _jitted_init(jax.default_backend())(spec, key, n, init)
 
 
+def replicas_shape(spec: GanSpec, n: int, init: str = "shared") -> GanState:
+    """The stacked state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), nothing run."""
+    return jax.eval_shape(lambda k: _init_replicas(spec, k, n, init), jax.random.key(0))
+
+
 @functools.cache
 def _jitted_init(backend: str):
     """Initialisation as one program (eagerly, every initialiser op is compiled on its own:

@@ -28,7 +28,7 @@ from ggans.data import load_mnist, pad_shards, split_indices, subsample
 from ggans.errors import ConfigError, GGansError
 from ggans.progress import progress_bar
 from ggans.records import append_jsonl, describe, read_jsonl, write_json
-from ggans.replicas import init_replicas
+from ggans.replicas import init_replicas, replicas_shape
 from ggans.sharding import replica_sharding, replicated
 from ggans.training import RoundInfo, Shards, iterate_rounds, lower_round
 
@@ -134,9 +134,7 @@ def run(
     _check_same_config(out / "run_config.json", cfg)
     mnist = load_mnist(cfg.data.dir) if mnist is None else mnist
     sharding = replica_sharding(cfg.nodes) if cfg.shard else None
-    state_shape = jax.eval_shape(
-        lambda k: init_replicas(cfg.model, k, cfg.nodes, cfg.init), jax.random.key(cfg.seed)
-    )
+    state_shape = replicas_shape(cfg.model, cfg.nodes, cfg.init)
     memory.check_state_fits(state_shape, mnist.train_images.nbytes, cfg.nodes)
     shards = make_shards(cfg, mnist)
     state = init_replicas(cfg.model, jax.random.key(cfg.seed), cfg.nodes, cfg.init)
