@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from ggans.cli import check_group_choices, config_dir
+from ggans.cli import check_group_choices, check_override_keys, config_dir, known_keys
 from ggans.errors import GGansError
 
 
@@ -46,6 +46,31 @@ def test_bad_input_is_one_line_exit_2(args, message, mnist_dir, tmp_path):
     assert "Traceback" not in out.stderr + out.stdout
     errors = [line for line in out.stderr.splitlines() if line.startswith("ggans: error")]
     assert len(errors) == 1 and message in errors[0], out.stderr
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("node=10", "node: unknown key; did you mean nodes?"),
+        ("model.gp_wieght=2", "model.gp_wieght: unknown key; did you mean model.gp_weight?"),
+        ("foo=1", "foo: unknown key; see python -m ggans --help"),
+    ],
+)
+def test_an_unknown_key_is_one_line_with_the_nearest_key(arg, message, tmp_path):
+    """Checked before Hydra composes anything: no data needed, nothing written."""
+    out = ggans(f"hydra.run.dir={tmp_path}/run", arg, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"ggans: error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_documented_key_is_known():
+    keys = known_keys(config_dir())
+    for key in ("nodes", "model.impl", "model.precision", "chunk", "logger.mode", "eval.every"):
+        assert key in keys
+    check_override_keys(
+        ["nodes=3", "model.impl=patches", "+extra=1", "hydra.run.dir=x"], config_dir()
+    )
 
 
 def test_group_choices_are_checked_before_hydra():

@@ -6,6 +6,7 @@ naming the key and what is allowed, and exit code 2.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from pathlib import Path
@@ -28,6 +29,46 @@ def config_dir() -> Path:
 
 
 GROUPS = ("model", "protocol", "experiment", "logger")
+
+
+def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k, v in d.items():
+        keys.add(prefix + str(k))
+        if isinstance(v, dict):
+            keys |= _flat_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def known_keys(conf: Path) -> set[str]:
+    """Every key an override may name: the main config's and each config group's."""
+    main = OmegaConf.to_container(OmegaConf.load(conf / "config.yaml"), resolve=False)
+    main.pop("defaults", None)
+    main.pop("hydra", None)
+    keys = _flat_keys(main) | set(GROUPS)
+    for group in GROUPS:
+        if group == "experiment":  # global packages: they set the keys above
+            continue
+        for f in (conf / group).glob("*.yaml"):
+            body = OmegaConf.to_container(OmegaConf.load(f), resolve=False) or {}
+            body.pop("defaults", None)
+            keys |= _flat_keys(body, f"{group}.")
+    return keys
+
+
+def check_override_keys(argv: list[str], conf: Path) -> None:
+    """Refuse ``key=value`` overrides naming no key of the config, with the nearest key, before
+    Hydra does (its message is six lines and exit 1). ``+key=`` appends (checked later) and
+    ``hydra.*`` is Hydra's own."""
+    keys = known_keys(conf)
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        if not sep or arg.startswith(("+", "~", "-")) or key.startswith("hydra"):
+            continue
+        if key not in keys:
+            near = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else "see python -m ggans --help"
+            raise GGansError(f"{key}: unknown key; {hint}")
 
 
 def check_group_choices(argv: list[str], conf: Path) -> None:
@@ -89,6 +130,7 @@ def main() -> None:
     """Entry point of ``python -m ggans`` and the ``ggans`` script."""
     conf = config_dir()
     try:
+        check_override_keys(sys.argv[1:], conf)
         check_group_choices(sys.argv[1:], conf)
     except GGansError as err:
         print(f"ggans: error: {err}", file=sys.stderr)

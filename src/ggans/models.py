@@ -39,8 +39,8 @@ ARCHS = {
 
 
 #: How the layers' products run: ``default`` is JAX's own (exact float32 on a CPU; TF32 on
-#: recent NVIDIA GPUs), ``highest`` exact float32 everywhere, ``bf16`` bfloat16 operands with
-#: float32 parameters, accumulation and every other operation.
+#: recent NVIDIA GPUs), ``highest`` exact float32 everywhere, ``bf16`` bfloat16 operands and
+#: outputs of the products, with float32 parameters and every other operation.
 PRECISIONS = ("default", "highest", "bf16")
 
 
