@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from ggans import bench
 
 
+@pytest.mark.slow
 def test_bench_records_round_naive_and_torch(tmp_path, capsys):
     """One run of ``main`` spawns a round and a naive job and merges a yardstick's output
     (a stand-in script printing what torch_replicas.py prints) into its JSON and table."""
@@ -54,6 +57,8 @@ def test_a_killed_job_is_reported_with_its_signal(monkeypatch):
 def test_table_shows_the_torch_rate_and_dashes_for_what_was_not_run(capsys):
     rnd = {"arch": "paper", "loss": "nonsat", "n": 10, "kind": "round", "round_rate_min": 6.0}
     rnd |= {"round_rate_median": 6.5, "compile_s": 5.0, "peak_memory_gib": 3.75, "peak_share": 0.3}
+    rnd |= {"impl": "patches", "precision": "bf16"}
     bench.print_table([rnd], {"nonsat": {"replica_steps_per_s_median": 8.125}})
     row = capsys.readouterr().out.splitlines()[2]
-    assert row == "| paper | nonsat | 10 | 6.00 / 6.50 | - | - | 8.12 | 0.80x | 5.0 | 3.75 | 30% |"
+    expected = "| paper | nonsat | 10 | patches | bf16 | 6.00 / 6.50 | - | - | 8.12 | 0.80x | 5.0 |"
+    assert row == expected + " 3.75 | 30% |"
