@@ -90,16 +90,7 @@ def conv_transpose(
     """
     nsp = x.ndim - 2
     k_spatial = kernel.shape[:nsp]
-    if isinstance(padding, str):
-        tpads = [_transpose_padding(k, s, padding) for k, s in zip(k_spatial, strides)]
-    else:
-        tpads = [tuple(p) for p in padding]
-    u_spatial, pads = [], []
-    for n, k, s, (a, b) in zip(x.shape[1:-1], k_spatial, strides, tpads):
-        un = s * (n - 1) + 1 + a + b - k + 1  # lax.conv_transpose's output size
-        lo = k - 1 - a
-        u_spatial.append(un)
-        pads.append((lo, s * (n - 1) + k - un - lo))
+    u_spatial, pads = transpose_geometry(x.shape[1:-1], k_spatial, strides, padding)
     w = jnp.swapaxes(jnp.flip(kernel, axis=tuple(range(nsp))), -1, -2)  # [*k, cout, cin]
     k, cout, cin = math.prod(k_spatial), w.shape[-2], w.shape[-1]
     # y[b, o, t, c] = sum_j x[b, o, j] w[t, c, j]
@@ -111,6 +102,26 @@ def conv_transpose(
         partial(patches, k_spatial=k_spatial, strides=tuple(strides), pads=tuple(pads)), u_aval
     )
     return col2im(y.reshape(*y.shape[:-1], k * cout))[0]
+
+
+def transpose_geometry(
+    x_spatial: Sequence[int], k_spatial: Sequence[int], strides: Sequence[int], padding: str | Pads
+) -> tuple[tuple[int, ...], Pads]:
+    """``lax.conv_transpose``'s output size ``u_spatial`` and the ``pads`` of the strided
+    convolution ``u -> x`` whose transpose it is."""
+    if isinstance(padding, str):
+        tpads = [_transpose_padding(k, s, padding) for k, s in zip(k_spatial, strides)]
+    else:
+        tpads = [tuple(p) for p in padding]
+    u_spatial, pads = [], []
+    for n, k, s, (a, b) in zip(x_spatial, k_spatial, strides, tpads):
+        un = s * (n - 1) + 1 + a + b - k + 1  # lax.conv_transpose's output size
+        if un <= 0:
+            raise ValueError(f"empty output: input {tuple(x_spatial)}, kernel {tuple(k_spatial)}")
+        lo = k - 1 - a
+        u_spatial.append(un)
+        pads.append((lo, s * (n - 1) + k - un - lo))
+    return tuple(u_spatial), tuple(pads)
 
 
 def _transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
@@ -148,16 +159,18 @@ class _Linear(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros_init()
 
-    def _params(self, x: Array):
+    def _apply(self, inputs: Array, op) -> Array:
+        """``op(x, kernel, strides)`` on the inputs' flattened batch, plus the bias."""
         ks = self.kernel_size
-        shape = (*((ks,) if isinstance(ks, int) else ks), x.shape[-1], self.features)
+        k_spatial = (ks,) if isinstance(ks, int) else tuple(ks)
+        x, batch_shape = _flatten_batch(inputs, len(k_spatial))
+        shape = (*k_spatial, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         bias = None
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        return promote_dtype(x, kernel, bias, dtype=self.dtype)
-
-    def _finish(self, y: Array, bias: Array | None, batch_shape) -> Array:
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = op(x, kernel, _tuple(self.strides, len(k_spatial)))
         if bias is not None:
             y = y + bias
         return y if batch_shape is None else y.reshape((*batch_shape, *y.shape[1:]))
@@ -168,16 +181,14 @@ class Conv(_Linear):
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
-        nsp = 1 if isinstance(self.kernel_size, int) else len(self.kernel_size)
-        x, batch_shape = _flatten_batch(inputs, nsp)
-        x, kernel, bias = self._params(x)
-        strides = _tuple(self.strides, nsp)
-        if isinstance(self.padding, str):
-            pads = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:nsp], strides, self.padding)
-        else:
+        def op(x, kernel, strides):
             pads = self.padding
-        pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-        return self._finish(conv(x, kernel, strides, pads, self.precision), bias, batch_shape)
+            if isinstance(pads, str):
+                pads = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:-2], strides, pads)
+            pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+            return conv(x, kernel, strides, pads, self.precision)
+
+        return self._apply(inputs, op)
 
 
 class ConvTranspose(_Linear):
@@ -187,9 +198,7 @@ class ConvTranspose(_Linear):
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
-        nsp = 1 if isinstance(self.kernel_size, int) else len(self.kernel_size)
-        x, batch_shape = _flatten_batch(inputs, nsp)
-        x, kernel, bias = self._params(x)
-        strides = _tuple(self.strides, nsp)
-        y = conv_transpose(x, kernel, strides, self.padding, self.precision)
-        return self._finish(y, bias, batch_shape)
+        def op(x, kernel, strides):
+            return conv_transpose(x, kernel, strides, self.padding, self.precision)
+
+        return self._apply(inputs, op)

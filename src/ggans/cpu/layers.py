@@ -65,6 +65,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from ggans.cpu import onednn
+from ggans.patches import transpose_geometry
 
 __all__ = [
     "Conv",
@@ -527,19 +528,6 @@ batching.primitive_batchers[kgrad_p] = _kgrad_batch
 
 
 # ----------------------------------------------------------------------------- functions
-def _conv_transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
-    """Padding of the dilated input, as ``lax.conv_transpose`` computes it."""
-    if padding == "SAME":
-        pad_len = k + s - 2
-        pad_a = k - 1 if s > k - 1 else int(math.ceil(pad_len / 2))
-    elif padding == "VALID":
-        pad_len = k + s - 2 + max(k - s, 0)
-        pad_a = k - 1
-    else:
-        raise ValueError(f"Padding mode must be `SAME` or `VALID`; got {padding}.")
-    return pad_a, pad_len - pad_a
-
-
 def conv(
     x: Array,
     kernel: Array,
@@ -577,20 +565,7 @@ def conv_transpose(
     """
     nsp = x.ndim - 2
     strides = _tuple(strides, nsp)
-    ksize = kernel.shape[:nsp]
-    if isinstance(padding, str):
-        tpads = [_conv_transpose_padding(k, s, padding) for k, s in zip(ksize, strides)]
-    else:
-        tpads = [tuple(p) for p in padding]
-    u_spatial, pads = [], []
-    for n, k, s, (a, b) in zip(x.shape[1:-1], ksize, strides, tpads):
-        un = s * (n - 1) + 1 + a + b - k + 1  # output size of lax.conv_transpose
-        if un <= 0:
-            raise ValueError(f"empty output: input {x.shape}, kernel {kernel.shape}")
-        lo = k - 1 - a
-        hi = s * (n - 1) + k - un - lo
-        u_spatial.append(un)
-        pads.append((lo, hi))
+    u_spatial, pads = transpose_geometry(x.shape[1:-1], kernel.shape[:nsp], strides, padding)
     w = jnp.swapaxes(jnp.flip(kernel, axis=tuple(range(nsp))), -1, -2)
     return convt_p.bind(
         x,
