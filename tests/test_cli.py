@@ -112,3 +112,18 @@ def test_multirun_all_protocols_nodes_1_2(mnist_dir, tmp_path):
         assert (rows[-1]["bytes_sent_total"] > 0) == collaborative
         summary = json.loads((run / "summary.json").read_text())
         assert summary["rounds"] == 2 and summary["nodes"] == n
+
+
+def test_help_says_what_ggans_is_and_names_every_key():
+    out = ggans("--help", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ggans: many GANs on emulated machines")
+    groups, rest = out.stdout.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)
+    footer = rest.split("Keys (defaults below", 1)[1]
+    first = [
+        line.split()[0] for line in footer.splitlines() if line.startswith("  ") and line[2] != " "
+    ]
+    documented = {k.split(".")[0] for part in first for k in part.split(",") if k}
+    documented |= {line.split(":")[0] for line in groups.splitlines() if ":" in line}
+    top = {k.split(".")[0] for k in known_keys(config_dir())}
+    assert sorted(top - documented) == []
