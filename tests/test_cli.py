@@ -80,6 +80,7 @@ def test_group_choices_are_checked_before_hydra():
         check_group_choices(["experiment=slow"], conf)
 
 
+@pytest.mark.slow  # 50 s: eight runs end to end
 def test_multirun_all_protocols_nodes_1_2(mnist_dir, tmp_path):
     """The README's sweep in miniature: 4 protocols x N in {1, 2}, tiny model."""
     out = ggans(

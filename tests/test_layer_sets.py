@@ -86,6 +86,8 @@ DENSE_SMALL = [
 ALL_CASES = GAN_CASES + ODD_CASES
 FULL_SIZE = GAN_CASES + DENSE_CASES  # the GAN's own layers, at full width
 SMALL_CASES = GAN_SMALL + ODD_CASES + DENSE_SMALL
+# the patches layers on the GAN's geometries in the fast suite, on the odd ones in the slow one
+PATCHES_SLOW = {c[0] for c in ODD_CASES + DENSE_SMALL}
 VMAP_CASES = [GAN_SMALL[0], GAN_SMALL[2], DENSE_SMALL[0], ODD_CASES[6]]
 
 
@@ -135,8 +137,19 @@ def _all_orders(m):
     return jax.jit(lambda p, x: (m.apply(p, x), first(p, x), second(p, x)))
 
 
-@pytest.mark.parametrize("impl", LAYER_SETS)
-@pytest.mark.parametrize("name,kind,shape,kw", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
+FLOAT64_PARAMS = [
+    pytest.param(
+        *case,
+        impl,
+        id=f"{case[0]}-{impl}",
+        marks=[pytest.mark.slow] if impl == "patches" and case[0] in PATCHES_SLOW else [],
+    )
+    for case in SMALL_CASES
+    for impl in LAYER_SETS
+]
+
+
+@pytest.mark.parametrize("name,kind,shape,kw,impl", FLOAT64_PARAMS)
 def test_gradients_float64(name, kind, shape, kw, impl):
     with jax.enable_x64(True):
         ref, new, params, x = _setup(kind, shape, kw, batch=2, dtype=jnp.float64, impl=impl)

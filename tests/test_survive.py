@@ -175,6 +175,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 45 s: an 8-device host platform in a subprocess
 def test_replica_axis_sharded_over_devices():
     env = dict(
         os.environ,
