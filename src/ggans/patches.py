@@ -34,13 +34,15 @@ __all__ = ["Conv", "ConvTranspose", "conv", "conv_transpose", "patches"]
 Pads = tuple[tuple[int, int], ...]
 
 
-def _tuple(x: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
+def as_tuple(x: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
+    """A per-dimension setting (strides, dilation) as ``n`` integers; None is all ones."""
     if x is None:
         return (1,) * n
     return (x,) * n if isinstance(x, int) else tuple(x)
 
 
-def _out_spatial(u_spatial, k_spatial, strides, pads) -> tuple[int, ...]:
+def out_spatial(u_spatial, k_spatial, strides, pads) -> tuple[int, ...]:
+    """The output size of a strided convolution with explicit ``pads``."""
     return tuple(
         (n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(u_spatial, k_spatial, strides, pads)
     )
@@ -50,7 +52,7 @@ def patches(x: Array, k_spatial: Sequence[int], strides: Sequence[int], pads: Pa
     """``x [B, *U, c] -> [B, *V, K * c]``: entry ``(o, t, c)`` is ``x[s*o + t - lo, c]`` (zero
     outside ``x``), taps ``t`` in the row-major order of a kernel ``[*k, c, ...]``."""
     b, c = x.shape[0], x.shape[-1]
-    v_spatial = _out_spatial(x.shape[1:-1], k_spatial, strides, pads)
+    v_spatial = out_spatial(x.shape[1:-1], k_spatial, strides, pads)
     # Pad so that tap t of output o reads padded index s*o + t; a negative high pad crops.
     cfg = [(0, 0, 0)]
     for n, m, k, s, (lo, _) in zip(x.shape[1:-1], v_spatial, k_spatial, strides, pads):
@@ -137,7 +139,7 @@ def _transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
     return pad_a, pad_len - pad_a
 
 
-def _flatten_batch(x: Array, nsp: int) -> tuple[Array, tuple[int, ...] | None]:
+def flatten_batch(x: Array, nsp: int) -> tuple[Array, tuple[int, ...] | None]:
     """As Flax: merge all leading batch dims into one (adding one if there is none)."""
     nbatch = x.ndim - (nsp + 1)
     if nbatch == 1:
@@ -163,14 +165,14 @@ class _Linear(nn.Module):
         """``op(x, kernel, strides)`` on the inputs' flattened batch, plus the bias."""
         ks = self.kernel_size
         k_spatial = (ks,) if isinstance(ks, int) else tuple(ks)
-        x, batch_shape = _flatten_batch(inputs, len(k_spatial))
+        x, batch_shape = flatten_batch(inputs, len(k_spatial))
         shape = (*k_spatial, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         bias = None
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = op(x, kernel, _tuple(self.strides, len(k_spatial)))
+        y = op(x, kernel, as_tuple(self.strides, len(k_spatial)))
         if bias is not None:
             y = y + bias
         return y if batch_shape is None else y.reshape((*batch_shape, *y.shape[1:]))

@@ -65,7 +65,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from ggans.cpu import onednn
-from ggans.patches import transpose_geometry
+from ggans.patches import as_tuple, flatten_batch, out_spatial, transpose_geometry
 
 __all__ = [
     "Conv",
@@ -92,12 +92,6 @@ UNROLL_MAX = 1
 
 
 # ----------------------------------------------------------------------------- helpers
-def _tuple(x: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
-    if x is None:
-        return (1,) * n
-    if isinstance(x, int):
-        return (x,) * n
-    return tuple(x)
 
 
 def _dn(nsp: int) -> lax.ConvDimensionNumbers:
@@ -261,7 +255,7 @@ def _narrow_conv(u, w, *, strides, padding, precision):
     nsp = u.ndim - 2
     ks, (ci, co) = w.shape[:nsp], w.shape[-2:]
     k = math.prod(ks)
-    vs = _out_spatial(u.shape[1:-1], ks, strides, padding)
+    vs = out_spatial(u.shape[1:-1], ks, strides, padding)
     wt = jnp.swapaxes(w.reshape(k, ci, co), 1, 2).reshape(k * co, ci)
     z = _dot(wt, u.reshape(-1, ci), 1, 1, precision).reshape(k, co, *u.shape[:-1])
     return jnp.moveaxis(_tap_sum(z, vs, ks, strides, padding, tap_axis=0), 0, -1)
@@ -312,7 +306,7 @@ def _conv_lowering(u, w, *, cpu: bool = False, **params):
         return _narrow_conv(u, w, **params)
     if cpu and _on_onednn(u, w, w.shape[-2], w.shape[-1], params):
         st, pad = params["strides"], params["padding"]
-        return onednn.conv(u, w, st, pad, _out_spatial(u.shape[1:-1], w.shape[:-2], st, pad))
+        return onednn.conv(u, w, st, pad, out_spatial(u.shape[1:-1], w.shape[:-2], st, pad))
     return _conv_impl(u, w, **params)
 
 
@@ -334,13 +328,6 @@ def _kgrad_lowering(u, v, *, cpu: bool = False, **params):
     return _kgrad_impl(u, v, **params)
 
 
-def _out_spatial(u_spatial, k_spatial, strides, padding):
-    return tuple(
-        (n + lo + hi - k) // s + 1
-        for n, k, s, (lo, hi) in zip(u_spatial, k_spatial, strides, padding)
-    )
-
-
 # ----------------------------------------------------------------------------- primitives
 conv_p = Primitive("ggans_conv")
 convt_p = Primitive("ggans_conv_transpose")
@@ -356,7 +343,7 @@ def _check_dtypes(a, b):
 def _conv_abstract(u, w, *, strides, padding, precision):
     dt = _check_dtypes(u, w)
     nsp = u.ndim - 2
-    vs = _out_spatial(u.shape[1:-1], w.shape[:nsp], strides, padding)
+    vs = out_spatial(u.shape[1:-1], w.shape[:nsp], strides, padding)
     return jax.core.ShapedArray((u.shape[0], *vs, w.shape[-1]), dt)
 
 
@@ -539,7 +526,7 @@ def conv(
     """``lax.conv_general_dilated(x, kernel, strides, padding)``, channels last
     (``x [B, *sp, cin]``, ``kernel [*k, cin, cout]``), with the fast derivative/vmap rules."""
     nsp = x.ndim - 2
-    strides = _tuple(strides, nsp)
+    strides = as_tuple(strides, nsp)
     if isinstance(padding, str):
         pads = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:nsp], strides, padding)
     else:
@@ -564,7 +551,7 @@ def conv_transpose(
     the kernel flipped and its channel axes swapped and padding ``(k-1-a, ...)``.
     """
     nsp = x.ndim - 2
-    strides = _tuple(strides, nsp)
+    strides = as_tuple(strides, nsp)
     u_spatial, pads = transpose_geometry(x.shape[1:-1], kernel.shape[:nsp], strides, padding)
     w = jnp.swapaxes(jnp.flip(kernel, axis=tuple(range(nsp))), -1, -2)
     return convt_p.bind(
@@ -578,13 +565,6 @@ def conv_transpose(
 
 
 # ----------------------------------------------------------------------------- modules
-def _flatten_batch(inputs: Array, nsp: int) -> tuple[Array, tuple[int, ...] | None]:
-    """As flax: merge all leading batch dims into one (adding one if there is none)."""
-    nbatch = inputs.ndim - (nsp + 1)
-    if nbatch == 1:
-        return inputs, None
-    batch_shape = inputs.shape[:nbatch]
-    return inputs.reshape((-1, *inputs.shape[nbatch:])), batch_shape
 
 
 def _kernel_size(ks: int | Sequence[int]) -> tuple[int, ...]:
@@ -615,14 +595,14 @@ class Conv(Module):
         kernel_size = _kernel_size(self.kernel_size)
         nsp = len(kernel_size)
         if (
-            _tuple(self.input_dilation, nsp) != (1,) * nsp
-            or _tuple(self.kernel_dilation, nsp) != (1,) * nsp
+            as_tuple(self.input_dilation, nsp) != (1,) * nsp
+            or as_tuple(self.kernel_dilation, nsp) != (1,) * nsp
             or self.feature_group_count != 1
             or self.mask is not None
         ):
             raise NotImplementedError("ggans.layers.Conv: no dilation, groups or mask")
         padding = canonicalize_padding(self.padding, nsp)
-        inputs, batch_shape = _flatten_batch(inputs, nsp)
+        inputs, batch_shape = flatten_batch(inputs, nsp)
         if padding in ("CIRCULAR", "REFLECT"):  # as flax does it
             pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in kernel_size] + [(0, 0)]
             mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
@@ -644,7 +624,7 @@ class Conv(Module):
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        y = conv(inputs, kernel, _tuple(self.strides, nsp), padding, precision=self.precision)
+        y = conv(inputs, kernel, as_tuple(self.strides, nsp), padding, precision=self.precision)
         if bias is not None:
             y = y + bias
         if batch_shape is not None:
@@ -676,7 +656,7 @@ class ConvTranspose(Module):
         kernel_size = _kernel_size(self.kernel_size)
         nsp = len(kernel_size)
         if (
-            _tuple(self.kernel_dilation, nsp) != (1,) * nsp
+            as_tuple(self.kernel_dilation, nsp) != (1,) * nsp
             or self.mask is not None
             or self.transpose_kernel
         ):
@@ -686,7 +666,7 @@ class ConvTranspose(Module):
         padding = canonicalize_padding(self.padding, nsp)
         if padding == "CIRCULAR":
             raise NotImplementedError("ggans.layers.ConvTranspose: padding 'CIRCULAR'")
-        inputs, batch_shape = _flatten_batch(inputs, nsp)
+        inputs, batch_shape = flatten_batch(inputs, nsp)
 
         kernel = self.param(
             "kernel",
@@ -699,7 +679,7 @@ class ConvTranspose(Module):
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         y = conv_transpose(
-            inputs, kernel, _tuple(self.strides, nsp), padding, precision=self.precision
+            inputs, kernel, as_tuple(self.strides, nsp), padding, precision=self.precision
         )
         if bias is not None:
             y = y + bias
