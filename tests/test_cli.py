@@ -26,26 +26,50 @@ def ggans(*args, data_dir=None, cwd=None, timeout=600):
     )
 
 
+def _one_error_line(out, message):
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    errors = [line for line in out.stderr.splitlines() if line.startswith("ggans: error")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["nodes=0"], "nodes=0: must be an integer >= 1"),
+        (["nodes=ten"], "nodes='ten': must be of type integer"),
+        (["model.g_lr=fast"], "model.g_lr='fast': must be of type float"),
         (["local_steps=0"], "local_steps=0: must be an integer >= 1"),
         (["local_steps=300", "iterations=200"], "local_steps=300: must be <= iterations"),
         (["local_steps=30", "iterations=100"], "iterations=100: must be a multiple of local_steps"),
         (["protocol=telepathy"], "protocol='telepathy': must be one of federated, gossip"),
         (["data.split=dirichlet"], "data.split='dirichlet': must be one of iid, non_iid"),
-        (["data.dir=/nonexistent/mnist"], "data.dir: folder /nonexistent/mnist does not exist"),
-        (["nodes=700", "data.fraction=0.01"], "nodes=700: more machines than training images"),
         (["model.loss=hinge"], "model.loss='hinge': must be one of wgan_gp, nonsat"),
+        (["chunk=3", "nodes=4"], "chunk=3: must divide nodes (4)"),
+        (["-m", "nodes=2,0"], "nodes=0: must be an integer >= 1"),
+        (["nodes=[1"], "overrides: no viable alternative"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(args, message, mnist_dir, tmp_path):
-    out = ggans("model=tiny", f"hydra.run.dir={tmp_path}", *args, data_dir=mnist_dir)
-    assert out.returncode == 2, out.stderr
-    assert "Traceback" not in out.stderr + out.stdout
-    errors = [line for line in out.stderr.splitlines() if line.startswith("ggans: error")]
-    assert len(errors) == 1 and message in errors[0], out.stderr
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(args, message, tmp_path):
+    """Config-only checks: no data needed, no folder made (each job of a multirun checked)."""
+    run_dir = tmp_path / "run"
+    out = ggans("model=tiny", f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}", *args)
+    _one_error_line(out, message)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.dir=/nonexistent/mnist"], "data.dir: folder /nonexistent/mnist does not exist"),
+        (["nodes=700", "data.fraction=0.01"], "nodes=700: more machines than training images"),
+    ],
+)
+def test_bad_data_is_one_line_exit_2_and_leaves_nothing(args, message, mnist_dir, tmp_path):
+    run_dir = tmp_path / "runs" / "name" / "time"
+    out = ggans("model=tiny", f"hydra.run.dir={run_dir}", *args, data_dir=mnist_dir)
+    _one_error_line(out, message)
+    assert not (tmp_path / "runs" / "name").exists()
 
 
 @pytest.mark.parametrize(

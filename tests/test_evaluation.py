@@ -6,12 +6,12 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ggans.config import DataConfig, EvalConfig, RunConfig
+from ggans.config import CheckpointConfig, DataConfig, EvalConfig, ProtocolConfig, RunConfig
 from ggans.evaluation import sample_population
 from ggans.gan import GanSpec, generate
-from ggans.records import read_jsonl
 from ggans.replicas import init_replicas, take
 from ggans.run import run
+from ggans.runfolder import read_jsonl
 
 TINY = GanSpec(arch="tiny", noise_dim=16, batch_size=8)
 
@@ -31,13 +31,13 @@ def test_population_sampling_matches_each_generator():
 def test_run_scores_every_machine_each_round(mnist, tmp_path):
     cfg = RunConfig(
         nodes=3,
-        protocol="gossip",
+        protocol=ProtocolConfig("gossip"),
         local_steps=2,
         iterations=4,
         model=TINY,
         data=DataConfig(fraction=0.01),
         eval=EvalConfig(every=1, samples=64, grid_replicas=2),
-        checkpoint_every=0,
+        checkpoint=CheckpointConfig(0),
     )
     summary = run(cfg, tmp_path, mnist=mnist, progress=False)
     rows = read_jsonl(tmp_path / "metrics.jsonl")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-from ggans.config import DataConfig, EvalConfig, RunConfig
+from ggans.config import DataConfig, EvalConfig, ProtocolConfig, RunConfig
 from ggans.gan import GanSpec
 from ggans.report import find_runs, main, report
 
@@ -56,7 +56,7 @@ def tiny_sweep(mnist_dir, mnist, tmp_path_factory):
     for protocol in ("standalone", "federated"):
         cfg = RunConfig(
             nodes=2,
-            protocol=protocol,
+            protocol=ProtocolConfig(protocol),
             local_steps=2,
             iterations=4,
             model=GanSpec(arch="tiny", noise_dim=32),

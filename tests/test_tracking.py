@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ggans.config import DataConfig, EvalConfig, RunConfig
+from ggans.config import DataConfig, EvalConfig, ProtocolConfig, RunConfig
 from ggans.gan import GanSpec
 from ggans.tracking import WandbLogger, make_loggers, wandb_labels
 
@@ -17,7 +17,7 @@ from ggans.tracking import WandbLogger, make_loggers, wandb_labels
 def tiny_cfg(mnist_dir, **kw) -> RunConfig:
     base = dict(
         nodes=2,
-        protocol="federated",  # the round test_report.py compiles too
+        protocol=ProtocolConfig("federated"),  # the round test_report.py compiles too
         local_steps=2,
         iterations=4,
         model=GanSpec(arch="tiny", noise_dim=32),
@@ -48,7 +48,7 @@ def test_none_gives_no_logger(tmp_path):
 
 
 def test_labels_group_by_sweep_and_protocol():
-    cfg = RunConfig(nodes=100, protocol="gossip_ind", name="gossip_ind-N100-iid-s0")
+    cfg = RunConfig(nodes=100, protocol=ProtocolConfig("gossip_ind"), name="gossip_ind-N100-iid-s0")
     labels = wandb_labels({"group": "scalability", "tags": ["extra", "N100"]}, cfg)
     assert labels["name"] == "gossip_ind-N100-iid-s0"
     assert labels["group"] == "scalability"

@@ -6,14 +6,22 @@ naming the key and what is allowed, and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import logging
+import shutil
 import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ggans.config import RunConfig
 from ggans.errors import GGansError
 
 log = logging.getLogger("ggans")
@@ -31,28 +39,68 @@ def config_dir() -> Path:
 GROUPS = ("model", "protocol", "experiment", "logger")
 
 
-def _flat_keys(d: dict, prefix: str = "") -> set[str]:
+@dataclass(frozen=True)
+class CliConfig(RunConfig):
+    """The schema of ``python -m ggans``: a RunConfig and the command line's own settings."""
+
+    name: str = "${protocol.name}-N${nodes}-${data.split}-s${seed}"
+    logger: Any = None  # the logger group: none | wandb
+    resume: Any = "auto"  # auto: continue when the run folder holds a checkpoint | true | false
+    progress: Any = "auto"  # auto (a bar on a terminal) | true | false
+    distributed: bool = False  # multi-host: call jax.distributed.initialize() first
+
+
+EDGE_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(CliConfig)
+    if f.name not in {g.name for g in dataclasses.fields(RunConfig)}
+)
+
+
+def run_config(container: dict[str, Any]) -> RunConfig:
+    """The validated RunConfig of a composed command-line config (a plain container)."""
+    from ggans.config import from_dict
+
+    return from_dict({k: v for k, v in container.items() if k not in (*EDGE_KEYS, "hydra")})
+
+
+def mutable(cls: type) -> type:
+    """An unfrozen twin of a frozen dataclass, nested ones included, with the same defaults:
+    Hydra sets a schema's values in place, which OmegaConf refuses on a frozen dataclass."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            kind = mutable(kind)
+            default = field(default_factory=kind)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = field(default_factory=f.default_factory)
+        else:
+            default = field(default=f.default)
+        fields.append((f.name, kind, default))
+    return dataclasses.make_dataclass(cls.__name__, fields)
+
+
+ConfigStore.instance().store(name="ggans_schema", node=mutable(CliConfig))
+
+
+def _flat_keys(cls: type, prefix: str = "") -> set[str]:
     keys: set[str] = set()
-    for k, v in d.items():
-        keys.add(prefix + str(k))
-        if isinstance(v, dict):
-            keys |= _flat_keys(v, f"{prefix}{k}.")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.add(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= _flat_keys(hints[f.name], f"{prefix}{f.name}.")
     return keys
 
 
 def known_keys(conf: Path) -> set[str]:
-    """Every key an override may name: the main config's and each config group's."""
-    main = OmegaConf.to_container(OmegaConf.load(conf / "config.yaml"), resolve=False)
-    main.pop("defaults", None)
-    main.pop("hydra", None)
-    keys = _flat_keys(main) | set(GROUPS)
-    for group in GROUPS:
-        if group == "experiment":  # global packages: they set the keys above
-            continue
-        for f in (conf / group).glob("*.yaml"):
-            body = OmegaConf.to_container(OmegaConf.load(f), resolve=False) or {}
-            body.pop("defaults", None)
-            keys |= _flat_keys(body, f"{group}.")
+    """Every key an override may name: the schema's, and the logger group's."""
+    keys = _flat_keys(CliConfig) | set(GROUPS)
+    for f in (conf / "logger").glob("*.yaml"):
+        body = OmegaConf.to_container(OmegaConf.load(f), resolve=False) or {}
+        keys |= {f"logger.{k}" for k in body if k != "defaults"}
     return keys
 
 
@@ -83,6 +131,65 @@ def check_group_choices(argv: list[str], conf: Path) -> None:
                 raise GGansError(f"{key}={choice!r}: must be one of {', '.join(allowed)}")
 
 
+def _overrides(argv: list[str]) -> list[str]:
+    return [
+        a
+        for a in argv
+        if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")
+    ]
+
+
+def _variants(args: list[str]) -> list[list[str]]:
+    """The override lists to check for a (multi)run: each sweep's first value with the others
+    fixed, then every other value of each sweep in turn."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(args)
+    choices = []
+    for arg, o in zip(args, parsed, strict=True):
+        key = arg.split("=", 1)[0]
+        try:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
+        except Exception:  # a sweep of a kind Hydra expands itself (glob, interval)
+            values = None
+        choices.append([f"{key}={v}" for v in values] if values else [arg])
+    base = [c[0] for c in choices]
+    variants = [base]
+    for i, c in enumerate(choices):
+        variants += [base[:i] + [v] + base[i + 1 :] for v in c[1:]]
+    return variants
+
+
+def _one_line(err: Exception) -> str:
+    cause = err.__cause__ or err
+    key = getattr(cause, "full_key", None)
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if key and first.startswith("Key "):
+        return f"{key}: unknown key"
+    if key and first.startswith("Value "):  # "Value 'x' of type 'str' could not be converted"
+        kind = first.rsplit(" ", 1)[-1].lower()
+        return f"{key}={first.split(chr(39))[1]!r}: must be of type {kind}"
+    return first
+
+
+def check_config(argv: list[str], conf: Path) -> None:
+    """Compose the config each job of ``argv`` will get and validate it, before Hydra writes
+    anything: a bad value or combination is one line, and no folder is made."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        variants = _variants(_overrides(argv))
+    except Exception as err:
+        raise GGansError(f"overrides: {_one_line(err)}") from None
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        for overrides in variants:
+            try:
+                cfg = compose("config", overrides=overrides)
+            except Exception as err:
+                raise GGansError(_one_line(err)) from None
+            run_config(OmegaConf.to_container(cfg, resolve=True))
+
+
 def latest_unfinished(out: Path) -> Path:
     """For ``resume=true`` in a fresh timestamped folder: the newest sibling run folder with a
     checkpoint and no summary (the run to continue); ``out`` itself when there is none."""
@@ -101,29 +208,51 @@ def latest_unfinished(out: Path) -> Path:
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from ggans.config import from_dict
-    from ggans.run import run
+    from ggans.run import prepare
     from ggans.tracking import make_loggers
 
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    made = Path(HydraConfig.get().runtime.output_dir)
+    fresh = not any(p.name != ".hydra" and p.suffix != ".log" for p in made.iterdir())
+    out = made
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
-        run_cfg = from_dict(container)
+        run_cfg = run_config(container)
         if cfg.get("distributed"):
             import jax
 
             jax.distributed.initialize()
-        out = Path(HydraConfig.get().runtime.output_dir)
         resume = cfg.get("resume", "auto")
         if resume is True and not (out / "checkpoints").is_dir():
             out = latest_unfinished(out)
+        log.info("%s: run folder %s", run_cfg.name, out)
+        session = prepare(run_cfg, out, resume=resume)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         loggers = make_loggers(container.get("logger"), run_cfg, out, container)
-        run(run_cfg, out, progress=cfg.get("progress", "auto"), loggers=loggers, resume=resume)
+        summary = session.train(progress=cfg.get("progress", "auto"), loggers=loggers)
+        scores = " ".join(
+            f"{k}={summary['final'][k]:.4g}"
+            for k in ("ms_mean", "fid_mean")
+            if k in summary["final"]
+        )
+        log.info("%s: done %s; outputs in %s", run_cfg.name, scores, out)
     except GGansError as err:
         print(f"ggans: error: {err}", file=sys.stderr)
+        if fresh and out == made:
+            _remove_refused(made)
         sys.exit(2)
+    finally:
+        if fresh and out != made:
+            _remove_refused(made)
+
+
+def _remove_refused(folder: Path) -> None:
+    """A refused run leaves nothing behind: the folder Hydra made for it, and its parent when
+    that is left empty (``outputs/runs/<name>``)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
 
 
 def main() -> None:
@@ -132,6 +261,8 @@ def main() -> None:
     try:
         check_override_keys(sys.argv[1:], conf)
         check_group_choices(sys.argv[1:], conf)
+        if not {"--help", "-h", "--hydra-help", "--info", "-i"} & set(sys.argv[1:]):
+            check_config(sys.argv[1:], conf)
     except GGansError as err:
         print(f"ggans: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,7 @@ raising :class:`~ggans.errors.ConfigError` with one line naming the bad key.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,40 +22,58 @@ from ggans.training import RoundSpec
 
 
 @dataclass(frozen=True)
+class ProtocolConfig:
+    name: str = "gossip"  # standalone | federated | gossip | gossip_ind
+    mix_optimizer: bool = False  # also mix Adam states (the paper mixes weights only)
+
+
+@dataclass(frozen=True)
+class MixingConfig:
+    form: str = "auto"  # auto | dense | gather: how the mixing matrix is applied
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    split: str = "iid"
-    dir: str | None = None
-    fraction: float = 1.0
+    split: str = "iid"  # iid | non_iid (machine i holds digit i mod 10)
+    dir: str | None = None  # folder of the MNIST IDX files; None: $GGANS_DATA_DIR, else tfds
+    fraction: float = 1.0  # share of the training images used (before splitting)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 1
-    samples: int = 1000
-    grid_replicas: int = 8
+    every: int = 1  # score every this many rounds (and always the last); 0: never
+    samples: int = 1000  # generated images per machine
+    grid_replicas: int = 8  # machines shown in the sample grid
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 10  # rounds between checkpoints (and always at the end); 0: end only
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One experiment: N machines, a protocol, K and I, data, model, evaluation."""
+    """One experiment: N machines, a protocol, K and I, data, model, evaluation.
 
-    nodes: int = 10
-    protocol: str = "gossip"
-    local_steps: int = 200
-    iterations: int = 20000
+    The schema of every setting: ``conf/`` and the command line only override these defaults.
+    """
+
+    nodes: int = 10  # N, emulated machines
+    local_steps: int = 200  # K, local iterations between two exchanges (one round)
+    iterations: int = 20000  # I, local iterations per machine; a multiple of K
     seed: int = 0
-    init: str = "shared"
-    mix_optimizer: bool = False
-    mixing_form: str = "auto"
+    init: str = "shared"  # shared | independent: one set of initial weights, or one each
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
     model: GanSpec = field(default_factory=GanSpec)
     data: DataConfig = field(default_factory=DataConfig)
     faults: Faults = field(default_factory=Faults)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     name: str = "run"
-    checkpoint_every: int = 10  # rounds between checkpoints (and always at the end); 0: end only
     on_nan: str = "stop"  # stop | skip (leave a non-finite machine out of every exchange)
     shard: bool = True  # split the machine axis over all devices when there are several
-    chunk: int | None = None  # machines trained at once; None: all (bounds memory at large N)
+    chunk: int | None = None  # machines trained at once; None: all that fit in memory
 
     @property
     def rounds(self) -> int:
@@ -64,13 +83,20 @@ class RunConfig:
     def round_spec(self) -> RoundSpec:
         return RoundSpec(
             gan=self.model,
-            protocol=self.protocol,
+            protocol=self.protocol.name,
             local_steps=self.local_steps,
             faults=self.faults,
-            form=self.mixing_form,
-            mix_optimizer=self.mix_optimizer,
+            form=self.mixing.form,
+            mix_optimizer=self.protocol.mix_optimizer,
             chunk=self.chunk,
         )
+
+
+# Keys that do not change what a run computes: they may differ on resume, and runs that differ
+# only in them are the same setting to the report and the experiments.
+OPERATIONAL = frozenset(
+    {"name", "checkpoint.every", "on_nan", "shard", "chunk", "model.impl", "data.dir"}
+)
 
 
 def _choice(key: str, value: Any, allowed) -> None:
@@ -90,19 +116,10 @@ def _prob(key: str, value: Any) -> float:
     return float(value)
 
 
-def _build(cls, key: str, values: dict | None):
-    values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})")
-    return cls(**values)
-
-
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every value and combination; return ``cfg`` unchanged or raise ConfigError."""
     _int("nodes", cfg.nodes, 1)
-    _choice("protocol", cfg.protocol, PROTOCOLS)
+    _choice("protocol.name", cfg.protocol.name, PROTOCOLS)
     _int("local_steps", cfg.local_steps, 1)
     _int("iterations", cfg.iterations, 1)
     if cfg.local_steps > cfg.iterations:
@@ -115,7 +132,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     _int("seed", cfg.seed, 0)
     _choice("init", cfg.init, INITS)
-    _choice("mixing.form", cfg.mixing_form, FORMS)
+    _choice("mixing.form", cfg.mixing.form, FORMS)
     _choice("data.split", cfg.data.split, SPLITS)
     if not isinstance(cfg.data.fraction, int | float) or not 0 < cfg.data.fraction <= 1:
         raise ConfigError(f"data.fraction={cfg.data.fraction!r}: must be in (0, 1]")
@@ -132,45 +149,46 @@ def validate(cfg: RunConfig) -> RunConfig:
     _int("eval.every", cfg.eval.every, 0)
     _int("eval.samples", cfg.eval.samples, 2)
     _int("eval.grid_replicas", cfg.eval.grid_replicas, 0)
-    _int("checkpoint.every", cfg.checkpoint_every, 0)
+    _int("checkpoint.every", cfg.checkpoint.every, 0)
     _choice("on_nan", cfg.on_nan, ("stop", "skip"))
     if cfg.chunk is not None and (_int("chunk", cfg.chunk, 1) and cfg.nodes % cfg.chunk):
         raise ConfigError(f"chunk={cfg.chunk}: must divide nodes ({cfg.nodes}), or be null")
     return cfg
 
 
+def build(cls, values: dict | None, key: str = ""):
+    """A ``cls`` from a nested dict, its nested dataclasses built the same way; an unknown key
+    is one ConfigError naming it and the keys allowed."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{key}{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})")
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict | None):
+            values[name] = build(hints[name], value, f"{key}{name}.")
+    return cls(**values)
+
+
 def from_dict(d: dict) -> RunConfig:
-    """A validated RunConfig from a resolved config dict (Hydra's, as a plain container)."""
-    d = dict(d)
-    protocol = dict(d.pop("protocol", {}) or {})
-    mixing = dict(d.pop("mixing", {}) or {})
-    checkpoint = dict(d.pop("checkpoint", {}) or {})
-    for key in ("logger", "progress", "hydra", "resume", "distributed"):
-        d.pop(key, None)
-    try:
-        cfg = RunConfig(
-            nodes=d.pop("nodes", 10),
-            protocol=protocol.get("name", "gossip"),
-            local_steps=d.pop("local_steps", 200),
-            iterations=d.pop("iterations", 20000),
-            seed=d.pop("seed", 0),
-            init=d.pop("init", "shared"),
-            mix_optimizer=bool(protocol.get("mix_optimizer", False)),
-            mixing_form=mixing.get("form", "auto"),
-            model=_build(GanSpec, "model", d.pop("model", None)),
-            data=_build(DataConfig, "data", d.pop("data", None)),
-            faults=_build(Faults, "faults", d.pop("faults", None)),
-            eval=_build(EvalConfig, "eval", d.pop("eval", None)),
-            name=d.pop("name", "run"),
-            checkpoint_every=checkpoint.get("every", 10),
-            on_nan=d.pop("on_nan", "stop"),
-            shard=d.pop("shard", True),
-            chunk=d.pop("chunk", None),
-        )
-    except TypeError as err:
-        raise ConfigError(f"config: {err}") from None
-    if d:
-        raise ConfigError(f"{sorted(d)[0]}: unknown key")
-    cfg = validate(cfg)
+    """A validated RunConfig from a nested dict shaped like it (Hydra's, as a plain container;
+    ``run_config.json``'s unflattened), the layer set resolved."""
+    cfg = validate(build(RunConfig, d))
     model = dataclasses.replace(cfg.model, impl=impls.resolve(cfg.model.impl))
     return dataclasses.replace(cfg, model=model)
+
+
+def flat(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting under its dotted key (``model.arch``), tuples as lists."""
+    return _flat(dataclasses.asdict(cfg))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out

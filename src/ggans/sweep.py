@@ -37,9 +37,6 @@ from omegaconf import OmegaConf
 
 from ggans.errors import GGansError
 
-# Keys of the composed config that do not change what a job computes.
-NOT_COMPARED = ("logger", "progress", "hydra", "resume", "name", "distributed", "shard")
-
 
 @dataclass
 class Sweep:
@@ -161,7 +158,7 @@ def variant(quick: bool) -> str:
 
 def jobs(sweep: Sweep, quick: bool, out: str | Path, extra: list[str] = ()) -> list[Job]:
     """The sweep's jobs, composed and validated, each with its name and folder."""
-    from ggans.config import from_dict
+    from ggans.cli import run_config
 
     grid = sweep.quick_grid if quick and sweep.quick_grid else sweep.grid
     common = sweep.overrides + (sweep.quick_overrides if quick else [])
@@ -175,13 +172,13 @@ def jobs(sweep: Sweep, quick: bool, out: str | Path, extra: list[str] = ()) -> l
     result, names = [], set()
     for cell, overrides, config in zip(cells, all_overrides, configs, strict=True):
         try:
-            run_cfg = from_dict(config)
+            run_cfg = run_config(config)
         except Exception as err:
             raise GGansError(f"{sweep.path}: job {' '.join(cell)}: {err}") from err
         name = run_cfg.name
         if sweep.run_name:
             name = sweep.run_name.format(
-                protocol=run_cfg.protocol,
+                protocol=run_cfg.protocol.name,
                 nodes=run_cfg.nodes,
                 split=run_cfg.data.split,
                 seed=run_cfg.seed,
@@ -206,10 +203,15 @@ def jobs(sweep: Sweep, quick: bool, out: str | Path, extra: list[str] = ()) -> l
     return result
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    c = {k: v for k, v in config.items() if k not in NOT_COMPARED}
-    c["data"] = {k: v for k, v in (c.get("data") or {}).items() if k != "dir"}
-    return c
+def _comparable(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings that change what a job computes (None for a config that no longer parses)."""
+    from ggans.cli import run_config
+    from ggans.config import OPERATIONAL, flat
+
+    try:
+        return {k: v for k, v in flat(run_config(config)).items() if k not in OPERATIONAL}
+    except GGansError:
+        return None
 
 
 def status(job: Job) -> str:

@@ -52,7 +52,7 @@ def wandb_labels(cfg: dict[str, Any], run_cfg: RunConfig) -> dict[str, Any]:
     """``wandb.init``'s project, group, job type, tags and name for this run."""
     k = run_cfg.local_steps
     tags = [
-        run_cfg.protocol,
+        run_cfg.protocol.name,
         f"N{run_cfg.nodes}",
         run_cfg.data.split,
         f"K{k}",
@@ -63,7 +63,7 @@ def wandb_labels(cfg: dict[str, Any], run_cfg: RunConfig) -> dict[str, Any]:
         "project": cfg.get("project") or "ggans",
         "entity": cfg.get("entity") or None,
         "group": cfg.get("group") or "adhoc",
-        "job_type": cfg.get("job_type") or run_cfg.protocol,
+        "job_type": cfg.get("job_type") or run_cfg.protocol.name,
         "tags": tags,
         "name": run_cfg.name,
     }
