@@ -123,3 +123,16 @@ def test_tfds_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(tfds, "data_source", offline)
     with pytest.raises(DataError, match=r"data.dir: not set .*ConnectionError: no network"):
         load_tfds()
+
+
+def test_tensorflow_datasets_path_loads_mnist_where_tfds_has_it(monkeypatch):
+    """No data.dir and no $GGANS_DATA_DIR: MNIST from tensorflow-datasets (mocked: offline)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from ggans.data import load_mnist
+
+    monkeypatch.delenv("GGANS_DATA_DIR", raising=False)
+    with tfds.testing.mock_data(num_examples=12):
+        mnist = load_mnist(None)
+    assert mnist.train_images.shape == (12, 28, 28, 1) and mnist.train_images.dtype == np.uint8
+    assert mnist.test_images.shape == (12, 28, 28, 1)
+    assert mnist.train_labels.shape == (12,) and mnist.train_labels.max() <= 9

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, synthetic_shards
-from ggans.checkpoint import Checkpointer
-from ggans.config import DataConfig, EvalConfig, RunConfig
+from ggans.config import CheckpointConfig, DataConfig, EvalConfig, ProtocolConfig, RunConfig
 from ggans.errors import GGansError
 from ggans.gan import GanSpec
 from ggans.protocols import Faults
-from ggans.records import append_jsonl, read_jsonl
 from ggans.replicas import init_replicas
 from ggans.run import run
+from ggans.runfolder import Checkpointer, append_jsonl, read_jsonl
 from ggans.training import RoundSpec, make_round
 
 TINY = GanSpec(arch="tiny", noise_dim=16, batch_size=8)
@@ -87,13 +86,13 @@ def test_killed_run_resumes_to_the_same_result(mnist_dir, tmp_path):
 def small_cfg(**kw):
     base = dict(
         nodes=2,
-        protocol="federated",
+        protocol=ProtocolConfig("federated"),
         local_steps=2,
         iterations=4,
         model=TINY,
         data=DataConfig(fraction=0.01),
         eval=EvalConfig(every=0),
-        checkpoint_every=0,
+        checkpoint=CheckpointConfig(0),
     )
     base.update(kw)
     return RunConfig(**base)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ggans.gan import GanSpec, GanState, generate
 from ggans.metrics import RealStats, real_stats, score_population
-from ggans.records import describe
+from ggans.runfolder import describe
 
 SCORES = {"ms": "max", "fid": "min", "fid_pool": "min"}  # name -> which end is best
 

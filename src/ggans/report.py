@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ggans.records import read_jsonl
+from ggans.runfolder import read_jsonl
 
 PROTOCOL_ORDER = ("central", "standalone", "federated", "gossip", "gossip_ind")
 COLORS = {
