@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from ggans import protocols
-from ggans.protocols import PROTOCOLS, Faults, mix, mix_dense, mix_gather, round_mixing
+from ggans.protocols import Faults, mix, mix_dense, mix_gather, round_mixing
+
+PROTOCOLS = ("standalone", "federated", "gossip", "gossip_ind")
 
 BYTES = (1000, 3000)
 

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ggans import plugins
 from ggans.config import RunConfig
 from ggans.errors import GGansError
 
@@ -36,7 +37,7 @@ def config_dir() -> Path:
     raise FileNotFoundError("ggans: cannot find the conf/ folder")
 
 
-GROUPS = ("model", "protocol", "experiment", "logger")
+GROUPS = ("model", "protocol", "topology", "experiment", "logger")
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,21 @@ def check_group_choices(argv: list[str], conf: Path) -> None:
             continue
         allowed = sorted(p.stem for p in (conf / key).glob("*.yaml"))
         for choice in value.split(","):
-            if choice not in allowed:
-                raise GGansError(f"{key}={choice!r}: must be one of {', '.join(allowed)}")
+            if choice in allowed:
+                continue
+            if _registered(key, choice):
+                raise GGansError(
+                    f"{key}={choice!r}: registered, with no conf/{key}/{choice}.yaml; "
+                    f"use {key}.name={choice}"
+                )
+            raise GGansError(f"{key}={choice!r}: must be one of {', '.join(allowed)}")
+
+
+def _registered(group: str, name: str) -> bool:
+    from ggans import protocols, topologies
+
+    registry = {"protocol": protocols.PROTOCOLS, "topology": topologies.TOPOLOGIES}
+    return name in registry.get(group, {})
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -259,6 +273,7 @@ def main() -> None:
     """Entry point of ``python -m ggans`` and the ``ggans`` script."""
     conf = config_dir()
     try:
+        plugins.load()
         check_override_keys(sys.argv[1:], conf)
         check_group_choices(sys.argv[1:], conf)
         if not {"--help", "-h", "--hydra-help", "--info", "-i"} & set(sys.argv[1:]):

@@ -11,19 +11,20 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ggans import impls
+from ggans import impls, protocols, topologies
 from ggans.data import SPLITS
 from ggans.errors import ConfigError
 from ggans.gan import LOSSES, GanSpec
 from ggans.models import ARCHS, PRECISIONS
-from ggans.protocols import FORMS, PROTOCOLS, Faults
+from ggans.protocols import FORMS, Faults
 from ggans.replicas import INITS
+from ggans.topologies import TopologySpec
 from ggans.training import RoundSpec
 
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    name: str = "gossip"  # standalone | federated | gossip | gossip_ind
+    name: str = "gossip"  # a registered protocol (ggans.protocols): standalone | federated | ...
     mix_optimizer: bool = False  # also mix Adam states (the paper mixes weights only)
 
 
@@ -64,6 +65,7 @@ class RunConfig:
     seed: int = 0
     init: str = "shared"  # shared | independent: one set of initial weights, or one each
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    topology: TopologySpec = field(default_factory=TopologySpec)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     model: GanSpec = field(default_factory=GanSpec)
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +86,7 @@ class RunConfig:
         return RoundSpec(
             gan=self.model,
             protocol=self.protocol.name,
+            topology=self.topology,
             local_steps=self.local_steps,
             faults=self.faults,
             form=self.mixing.form,
@@ -119,7 +122,8 @@ def _prob(key: str, value: Any) -> float:
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every value and combination; return ``cfg`` unchanged or raise ConfigError."""
     _int("nodes", cfg.nodes, 1)
-    _choice("protocol.name", cfg.protocol.name, PROTOCOLS)
+    _choice("protocol.name", cfg.protocol.name, protocols.names())
+    _choice("topology.name", cfg.topology.name, topologies.names())
     _int("local_steps", cfg.local_steps, 1)
     _int("iterations", cfg.iterations, 1)
     if cfg.local_steps > cfg.iterations:

@@ -7,10 +7,16 @@ form (an N x N matrix applied with einsum) and the gather form (gather senders, 
 
 Faults are part of the mixing: a dropped machine neither sends nor receives this round,
 and a lost message is sent but not received. Both leave rows summing to 1.
+
+A protocol is a function of the round's :class:`Exchange` (keys, round index, the machines
+taking part, the round's graph from :mod:`ggans.topologies`) returning the G and D mixings and
+their traffic, registered by name with ``@register("name")``; its byte accounting sits beside
+it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-PROTOCOLS = ("standalone", "federated", "gossip", "gossip_ind")
+from ggans.topologies import Graph, TopologySpec, round_graph
+
 FORMS = ("auto", "dense", "gather")
 PyTree = Any
 
@@ -61,32 +68,103 @@ class Traffic(struct.PyTreeNode):
     lost: jax.Array  # messages sent but not received
 
 
-def _normalise(src, dst, valid, sent, n) -> Mixing:
+class Exchange(struct.PyTreeNode):
+    """What a protocol sees of one round: its random keys, the round index, the machines
+    taking part, the round's graph, the faults and the bytes of one G and one D message."""
+
+    g_key: jax.Array  # for G's draws (and shared draws)
+    d_key: jax.Array  # for D's draws, where they are independent of G's
+    r: jax.Array  # int32 round index
+    alive: jax.Array  # [N] bool: not dropped this round, and allowed in
+    graph: Graph
+    faults: Faults = struct.field(pytree_node=False)
+    model_bytes: tuple[int, int] = struct.field(pytree_node=False)
+
+    @property
+    def n(self) -> int:
+        return self.alive.shape[0]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A protocol: ``mixing(exchange) -> (G's mixing, D's mixing, traffic)``; ``mixes=False``
+    for one that never changes a model (the exchange is then skipped)."""
+
+    mixing: Callable[[Exchange], tuple[Mixing, Mixing, Traffic]]
+    mixes: bool = True
+
+
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register(name: str, mixes: bool = True):
+    """Register ``fn(exchange) -> (g_mixing, d_mixing, traffic)`` as protocol ``name``."""
+
+    def add(fn):
+        PROTOCOLS[name] = Protocol(fn, mixes)
+        return fn
+
+    return add
+
+
+def names() -> tuple[str, ...]:
+    return tuple(PROTOCOLS)
+
+
+def get(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ValueError(f"protocol.name={name!r}: must be one of {', '.join(names())}")
+    return PROTOCOLS[name]
+
+
+def normalise(src, dst, valid, sent, n) -> Mixing:
+    """Messages ``src -> dst`` (``valid`` ones arrive), weights equal among the arrivals at
+    each receiver, its own included."""
     counts = jax.ops.segment_sum(valid.astype(jnp.float32), dst, n)
     weight = valid.astype(jnp.float32) / counts[dst]
     return Mixing(src.astype(jnp.int32), dst.astype(jnp.int32), weight, sent, n)
 
 
-def _alive(key: jax.Array, n: int, faults: Faults) -> jax.Array:
-    return jax.random.uniform(key, (n,)) >= faults.node_drop
-
-
 def identity(n: int) -> Mixing:
     i = jnp.arange(n)
-    return _normalise(i, i, jnp.ones(n, bool), jnp.zeros(n, bool), n)
+    return normalise(i, i, jnp.ones(n, bool), jnp.zeros(n, bool), n)
 
 
-def gossip_mixing(key: jax.Array, n: int, alive: jax.Array, faults: Faults) -> Mixing:
-    """Every machine sends to one uniformly drawn other machine; receivers average what
-    arrived with their own model (equal weights). Senders keep their own."""
-    if n == 1:
-        return identity(n)
+def no_traffic(n: int, dropped=None) -> Traffic:
+    zeros, none = jnp.zeros(n, jnp.float32), jnp.zeros((), jnp.int32)
+    return Traffic(zeros, zeros, none, none, none if dropped is None else dropped, none)
+
+
+def peer_traffic(ex: Exchange, g_mix: Mixing, d_mix: Mixing) -> Traffic:
+    """Bytes of machine-to-machine messages: sent by their senders, received where they
+    arrived; each G message is ``model_bytes[0]`` bytes, each D message ``model_bytes[1]``."""
+    n = ex.n
+
+    def per_machine(mix: Mixing, nbytes: int):
+        sent = jax.ops.segment_sum(mix.sent * float(nbytes), mix.src, n)
+        arrived = (mix.weight > 0) & (mix.src != mix.dst)
+        return sent, jax.ops.segment_sum(arrived * float(nbytes), mix.dst, n)
+
+    (gs, gr), (ds, dr) = (
+        per_machine(g_mix, ex.model_bytes[0]),
+        per_machine(d_mix, ex.model_bytes[1]),
+    )
+    lost = sum((m.sent & (m.weight == 0)).sum() for m in (g_mix, d_mix))
+    none = jnp.zeros((), jnp.int32)
+    return Traffic(gs + ds, gr + dr, none, none, (~ex.alive).sum(), lost)
+
+
+def gossip_mixing(key: jax.Array, ex: Exchange) -> Mixing:
+    """Every machine sends to one neighbour drawn uniformly; receivers average what arrived
+    with their own model (equal weights). Senders keep their own."""
     peer_key, loss_key = jax.random.split(key)
+    n, alive = ex.n, ex.alive
     i = jnp.arange(n)
-    target = (i + 1 + jax.random.randint(peer_key, (n,), 0, n - 1)) % n
-    sent = alive
-    delivered = sent & alive[target] & (jax.random.uniform(loss_key, (n,)) >= faults.message_loss)
-    return _normalise(
+    target = ex.graph.draw_peers(peer_key)
+    sent = alive & ex.graph.has_neighbours()
+    lost = jax.random.uniform(loss_key, (n,)) < ex.faults.message_loss
+    delivered = sent & alive[target] & ~lost
+    return normalise(
         jnp.concatenate([i, i]),
         jnp.concatenate([i, target]),
         jnp.concatenate([jnp.ones(n, bool), delivered]),
@@ -95,19 +173,48 @@ def gossip_mixing(key: jax.Array, n: int, alive: jax.Array, faults: Faults) -> M
     )
 
 
-def federated_mixing(key: jax.Array, n: int, alive: jax.Array, faults: Faults):
-    """A server averages the models it received and sends the average back.
+@register("standalone", mixes=False)
+def standalone(ex: Exchange):
+    """No communication: every machine trains alone."""
+    return identity(ex.n), identity(ex.n), no_traffic(ex.n)
 
-    Returns the mixing (receiver j gets the server's average iff its download arrived) and
-    the per-machine masks of uploads and downloads that arrived, for accounting.
-    """
-    up_key, down_key = jax.random.split(key)
-    up = alive & (jax.random.uniform(up_key, (n,)) >= faults.message_loss)
-    down = alive & (jax.random.uniform(down_key, (n,)) >= faults.message_loss) & up.any()
+
+@register("gossip")
+def gossip(ex: Exchange):
+    """The paper's gossip: G and D travel together to one peer drawn per machine and round."""
+    mixing = gossip_mixing(ex.g_key, ex)
+    return mixing, mixing, peer_traffic(ex, mixing, mixing)
+
+
+@register("gossip_ind")
+def gossip_ind(ex: Exchange):
+    """Gossip with independent peers for G and D (the paper's 'gossip_ind')."""
+    g_mix, d_mix = gossip_mixing(ex.g_key, ex), gossip_mixing(ex.d_key, ex)
+    return g_mix, d_mix, peer_traffic(ex, g_mix, d_mix)
+
+
+@register("federated")
+def federated(ex: Exchange):
+    """A server averages the models it received and sends the average back: receiver j gets
+    it iff its download arrived. The server's traffic is counted on its side."""
+    n, alive, loss = ex.n, ex.alive, ex.faults.message_loss
+    up_key, down_key = jax.random.split(ex.g_key)
+    up = alive & (jax.random.uniform(up_key, (n,)) >= loss)
+    down = alive & (jax.random.uniform(down_key, (n,)) >= loss) & up.any()
     src = jnp.tile(jnp.arange(n), n)  # e = j * n + i: j receives i
     dst = jnp.repeat(jnp.arange(n), n)
     valid = jnp.where(down[dst], up[src], src == dst)
-    return _normalise(src, dst, valid, jnp.zeros(n * n, bool), n), up, down
+    mixing = normalise(src, dst, valid, jnp.zeros(n * n, bool), n)
+    both = float(sum(ex.model_bytes))
+    traffic = Traffic(
+        sent=alive * both,
+        received=down * both,
+        server_in=up.sum() * both,
+        server_out=down.sum() * both,
+        dropped=(~alive).sum(),
+        lost=alive.sum() - up.sum() + (alive & up.any()).sum() - down.sum(),
+    )
+    return mixing, mixing, traffic
 
 
 def round_mixing(
@@ -117,47 +224,30 @@ def round_mixing(
     model_bytes: tuple[int, int],
     faults: Faults = Faults(),  # noqa: B008 (frozen, immutable)
     active: jax.Array | None = None,
+    topology: TopologySpec = TopologySpec(),  # noqa: B008 (frozen, immutable)
+    r: jax.Array | int = 0,
 ) -> tuple[Mixing, Mixing, Traffic]:
-    """The G mixing, the D mixing and the traffic of one round.
+    """The G mixing, the D mixing and the traffic of round ``r``.
 
     ``model_bytes``: bytes of one G and of one D message (everything that is mixed).
     ``active`` [N] bool: machines taking part at all (others are treated as dropped).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+    proto = get(protocol)
     drop_key, g_key, d_key = jax.random.split(key, 3)
-    alive = _alive(drop_key, n, faults)
+    alive = jax.random.uniform(drop_key, (n,)) >= faults.node_drop
     if active is not None:
         alive = alive & active
-    g_bytes, d_bytes = model_bytes
-    zeros = jnp.zeros(n, jnp.float32)
-    none = jnp.zeros((), jnp.int32)
-    if protocol == "standalone" or n == 1:
-        return identity(n), identity(n), Traffic(zeros, zeros, none, none, none, none)
-    dropped = (~alive).sum()
-    if protocol == "federated":
-        mixing, uploaded, downloaded = federated_mixing(g_key, n, alive, faults)
-        both = float(g_bytes + d_bytes)
-        traffic = Traffic(
-            sent=alive * both,
-            received=downloaded * both,
-            server_in=uploaded.sum() * both,
-            server_out=downloaded.sum() * both,
-            dropped=dropped,
-            lost=alive.sum() - uploaded.sum() + (alive & uploaded.any()).sum() - downloaded.sum(),
-        )
-        return mixing, mixing, traffic
-    g_mix = gossip_mixing(g_key, n, alive, faults)
-    d_mix = gossip_mixing(d_key if protocol == "gossip_ind" else g_key, n, alive, faults)
+    if not proto.mixes or n == 1:
+        return identity(n), identity(n), no_traffic(n)
+    r = jnp.asarray(r, jnp.int32)
+    graph = round_graph(topology, n, r, jax.random.fold_in(key, TOPOLOGY_STREAM))
+    ex = Exchange(g_key, d_key, r, alive, graph, faults, tuple(model_bytes))
+    return proto.mixing(ex)
 
-    def per_machine(mix: Mixing, nbytes: int):
-        sent = jax.ops.segment_sum(mix.sent * float(nbytes), mix.src, n)
-        arrived = (mix.weight > 0) & (mix.src != mix.dst)
-        return sent, jax.ops.segment_sum(arrived * float(nbytes), mix.dst, n)
 
-    (gs, gr), (ds, dr) = per_machine(g_mix, g_bytes), per_machine(d_mix, d_bytes)
-    lost = sum((m.sent & (m.weight == 0)).sum() for m in (g_mix, d_mix))
-    return g_mix, d_mix, Traffic(gs + ds, gr + dr, none, none, dropped, lost)
+# The topology's draws come from the exchange key folded with this constant, apart from the
+# protocol's own (drop, G, D) split.
+TOPOLOGY_STREAM = 0x7090
 
 
 # Leaves with more values per machine than this are mixed block by block (see mix_dense).

@@ -20,6 +20,7 @@ from ggans import impls, protocols
 from ggans.data import to_model_range
 from ggans.gan import GanSpec, GanState, StepMetrics, train_step
 from ggans.protocols import Faults, Traffic
+from ggans.topologies import TopologySpec
 
 
 class Shards(struct.PyTreeNode):
@@ -35,7 +36,8 @@ class RoundSpec:
     """Everything static about a round."""
 
     gan: GanSpec = field(default_factory=GanSpec)
-    protocol: str = "gossip"
+    protocol: str = "gossip"  # a name in ggans.protocols.PROTOCOLS
+    topology: TopologySpec = field(default_factory=TopologySpec)
     local_steps: int = 200
     faults: Faults = field(default_factory=Faults)
     form: str = "auto"  # mixing form: auto | dense | gather
@@ -90,14 +92,25 @@ def message_bytes(state: GanState, mix_optimizer: bool) -> tuple[int, int]:
 
 
 def exchange(
-    spec: RoundSpec, state: GanState, key: jax.Array, active: jax.Array | None = None
+    spec: RoundSpec,
+    state: GanState,
+    key: jax.Array,
+    active: jax.Array | None = None,
+    r: jax.Array | int = 0,
 ) -> tuple[GanState, Traffic]:
-    """The protocol's exchange on the stacked state; inactive machines are left out."""
+    """Round ``r``'s exchange on the stacked state; inactive machines are left out."""
     n = jax.tree.leaves(state)[0].shape[0]
     g_mix, d_mix, traffic = protocols.round_mixing(
-        spec.protocol, key, n, message_bytes(state, spec.mix_optimizer), spec.faults, active
+        spec.protocol,
+        key,
+        n,
+        message_bytes(state, spec.mix_optimizer),
+        spec.faults,
+        active,
+        spec.topology,
+        r,
     )
-    if spec.protocol == "standalone" or n == 1:
+    if not protocols.get(spec.protocol).mixes or n == 1:
         return state, traffic
     mix = partial(protocols.mix, form=spec.form)
     g_opt, d_opt = state.g_opt, state.d_opt
@@ -166,7 +179,7 @@ def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key, r, activ
     keys, mix_key = round_keys(train_key, r, n)
     state, metrics = train_machines(spec, state, keys, shards)
     finite = _all_finite(state) & _all_finite(metrics)
-    state, traffic = exchange(spec, state, mix_key, active & finite)
+    state, traffic = exchange(spec, state, mix_key, active & finite, r)
     return state, RoundInfo(metrics, traffic, finite)
 
 
