@@ -39,47 +39,49 @@ clean:  ## remove caches and run outputs (keeps outputs/.gitkeep)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# --- Reproducing the paper: sweeps/*.yaml run by `python -m ggans.sweep` (finished jobs are
-# skipped, so a rerun resumes), figures and tables by `python -m ggans.report`. Job folders:
-# $(SWEEPS_DIR)/{paper,quick}/<sweep>/<run>; figures: $(SWEEPS_DIR)/<variant>/<sweep>/figures.
-# LOGGER=wandb (default) also logs to W&B (offline without an API key: `wandb sync`);
-# LOGGER=none turns it off. SWEEP_ARGS passes more overrides to every job (e.g. seed=1).
-SWEEPS_DIR ?= outputs/sweeps
+# --- Reproducing the paper: the experiments of conf/experiment/ as Hydra multiruns, each job
+# in a fixed folder outputs/experiments/<scale>/<experiment>/<run>, so a rerun skips finished
+# jobs and resumes stopped ones; then the figures and tables of `python -m ggans.report` in
+# outputs/experiments/<scale>/<experiment>/figures. LOGGER=wandb (default) also logs to W&B
+# (offline without an API key: `wandb sync`); LOGGER=none turns it off. ARGS passes more
+# overrides to every job (e.g. seed=1, hydra/launcher=parallel, hydra/launcher=slurm).
 LOGGER ?= wandb
-SWEEP_ARGS ?=
-VARIANT ?= paper
-PAPER_SWEEPS := sweeps/scalability.yaml sweeps/non_iid.yaml
-SWEEP := $(BIN)/python -m ggans.sweep --out $(SWEEPS_DIR)
+ARGS ?=
+SCALE ?= paper
+GGANS := $(BIN)/python -m ggans -m logger=$(LOGGER)
+EXPERIMENTS_DIR := outputs/experiments
 
 .PHONY: reproduce-paper reproduce-paper-quick k-sweep k-sweep-quick faults faults-quick figures
 
 reproduce-paper: $(BIN)/python  ## Figures 2-5 at the paper's scale (GPU), then the figures
-	$(SWEEP) $(PAPER_SWEEPS) logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
-	$(MAKE) --no-print-directory figures VARIANT=paper; exit $$s
+	$(GGANS) experiment=scalability $(ARGS); s=$$?; \
+	$(GGANS) experiment=non_iid $(ARGS) || s=$$?; \
+	$(MAKE) --no-print-directory figures SCALE=paper; exit $$s
 
 reproduce-paper-quick: $(BIN)/python  ## the same, CPU-sized (tiny model, 1-5% of MNIST)
-	$(SWEEP) $(PAPER_SWEEPS) --quick logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
-	$(MAKE) --no-print-directory figures VARIANT=quick; exit $$s
+	$(GGANS) experiment=scalability scale=quick $(ARGS); s=$$?; \
+	$(GGANS) experiment=non_iid scale=quick $(ARGS) || s=$$?; \
+	$(MAKE) --no-print-directory figures SCALE=quick; exit $$s
 
 k-sweep: $(BIN)/python  ## beyond the paper: K in {50, 200, 1000} at N = 10 (GPU)
-	$(SWEEP) sweeps/k_sweep.yaml logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
-	$(MAKE) --no-print-directory figures VARIANT=paper; exit $$s
+	$(GGANS) experiment=k_sweep $(ARGS); s=$$?; \
+	$(MAKE) --no-print-directory figures SCALE=paper; exit $$s
 
-k-sweep-quick: $(BIN)/python  ## the K sweep, CPU-sized
-	$(SWEEP) sweeps/k_sweep.yaml --quick logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
-	$(MAKE) --no-print-directory figures VARIANT=quick; exit $$s
+k-sweep-quick: $(BIN)/python  ## the K sweep, CPU-sized: K in {20, 100, 400}
+	$(GGANS) experiment=k_sweep scale=quick $(ARGS); s=$$?; \
+	$(MAKE) --no-print-directory figures SCALE=quick; exit $$s
 
 faults: $(BIN)/python  ## beyond the paper: gossip and federated under node drops, message loss
-	$(SWEEP) sweeps/faults.yaml logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
-	$(MAKE) --no-print-directory figures VARIANT=paper; exit $$s
+	$(GGANS) experiment=faults $(ARGS); s=$$?; \
+	$(MAKE) --no-print-directory figures SCALE=paper; exit $$s
 
-faults-quick: $(BIN)/python  ## the faults sweep, CPU-sized
-	$(SWEEP) sweeps/faults.yaml --quick logger=$(LOGGER) $(SWEEP_ARGS); s=$$?; \
-	$(MAKE) --no-print-directory figures VARIANT=quick; exit $$s
+faults-quick: $(BIN)/python  ## the faults experiment, CPU-sized
+	$(GGANS) experiment=faults scale=quick $(ARGS); s=$$?; \
+	$(MAKE) --no-print-directory figures SCALE=quick; exit $$s
 
-figures: $(BIN)/python  ## figures + results.md of every sweep in $(SWEEPS_DIR)/$(VARIANT)
-	@found=; for d in $(SWEEPS_DIR)/$(VARIANT)/*/; do \
+figures: $(BIN)/python  ## figures + results.md of every experiment in $(EXPERIMENTS_DIR)/$(SCALE)
+	@found=; for d in $(EXPERIMENTS_DIR)/$(SCALE)/*/; do \
 	  [ -d "$$d" ] || continue; found=1; \
 	  $(BIN)/python -m ggans.report "$$d" --out "$${d}figures" \
-	    --title "$$(basename $$d) ($(VARIANT))" || exit 1; \
-	done; [ -n "$$found" ] || echo "no sweep folders in $(SWEEPS_DIR)/$(VARIANT)"
+	    --title "$$(basename $$d) ($(SCALE))" || exit 1; \
+	done; [ -n "$$found" ] || echo "no experiment folders in $(EXPERIMENTS_DIR)/$(SCALE)"

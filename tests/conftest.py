@@ -1,9 +1,13 @@
-"""Shared fixtures and helpers: the MNIST folder (skip when absent), small synthetic data, and a
-tolerance check for pytrees of arrays."""
+"""Shared fixtures and helpers: the MNIST folder (skip when absent), small synthetic data, a
+tolerance check for pytrees of arrays, the command line as a subprocess, and the oneDNN
+kernels' state (asked for at test time only: collecting the tests never starts a compiler)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,3 +65,49 @@ def assert_close(a, b, rtol: float, what: str = "") -> None:
         scale = float(jnp.max(jnp.abs(x))) + 1e-30
         err = float(jnp.max(jnp.abs(x - y)))
         assert err <= rtol * scale, f"{what}: max err {err:.3g} > {rtol} * {scale:.3g}"
+
+
+def ggans(*args, data_dir=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """``python -m ggans *args`` in a subprocess, its output captured."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if data_dir is not None:
+        env["GGANS_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "ggans", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def onednn_ready():
+    """Skip unless the oneDNN kernels are built and in use (building them if need be)."""
+    from ggans.cpu import onednn
+
+    if jax.default_backend() != "cpu" or onednn.status() != "ready":
+        pytest.skip(f"oneDNN kernels not in use here: {onednn.status()} on {jax.default_backend()}")
+
+
+needs_onednn = pytest.mark.usefixtures("onednn_ready")
+
+
+@contextlib.contextmanager
+def status_under(monkeypatch, patch):
+    """``onednn.status()`` recomputed with ``patch(m)``'s monkeypatches in force; the patches
+    are undone and the status recomputed afresh after the block."""
+    from ggans.cpu import onednn
+
+    with monkeypatch.context() as m:
+        patch(m)
+        onednn.status.cache_clear()
+        try:
+            yield
+        finally:
+            onednn.status.cache_clear()
+
+
+def onednn_off(m) -> None:
+    m.setenv("GGANS_ONEDNN", "0")

@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from conftest import assert_close
+from conftest import assert_close, needs_onednn, onednn_off, status_under
 from ggans.cpu import adam, onednn
 from ggans.gan import GanSpec, train_step
 from ggans.replicas import init_replicas
-from test_onednn import _onednn_off, _status_under, needs_onednn
 
 HYPER = {"learning_rate": 1e-3, "b1": 0.5, "b2": 0.999}
 N = 3
@@ -105,7 +104,7 @@ def test_each_replica_uses_its_own_step_count():
 def test_without_the_kernel_it_is_optax(monkeypatch):
     params = _params(jax.random.key(2))
     state = _state(params, [1, 1, 1])
-    with _status_under(monkeypatch, _onednn_off):
+    with status_under(monkeypatch, onednn_off):
         grads = jax.tree.map(jnp.ones_like, params)
         assert _kernel_calls(jax.jit(jax.vmap(_step)).lower(grads, state, params)) == 0
         ours = _run(_step, params, state)

@@ -40,11 +40,6 @@ def test_bench_records_round_naive_and_torch(tmp_path, capsys):
     assert "| tiny | nonsat | 2 |" in capsys.readouterr().out
 
 
-def test_exchange_mixes_in_place_in_both_forms():
-    res = bench.run_one({"kind": "exchange", "arch": "tiny", "n": 4})
-    assert res["mix_dense_s"] > 0 and res["mix_gather_s"] > 0
-
-
 def test_a_killed_job_is_reported_with_its_signal(monkeypatch):
     class Killed:
         returncode, stdout, stderr = -9, "", ""

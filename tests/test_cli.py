@@ -1,29 +1,12 @@
 """``python -m ggans``: clear one-line errors, and an end-to-end multirun of all protocols."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ggans
 from ggans.cli import check_group_choices, check_override_keys, config_dir, known_keys
 from ggans.errors import GGansError
-
-
-def ggans(*args, data_dir=None, cwd=None, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if data_dir is not None:
-        env["GGANS_DATA_DIR"] = str(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "ggans", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd or ROOT,
-        timeout=timeout,
-    )
 
 
 def _one_error_line(out, message):

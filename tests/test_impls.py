@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 import subprocess
 import sys
 
@@ -128,3 +129,24 @@ def test_a_layer_set_registered_from_outside_the_package_is_used_by_the_round():
     finally:
         impls._REGISTRY.pop("toy_doubled")
         impls._LOADED.pop("toy_doubled", None)
+
+
+def test_collecting_the_tests_starts_no_compiler(tmp_path):
+    """``pytest --collect-only`` with an empty kernel cache and a compiler that logs its calls:
+    nothing is built until a test that needs the CPU plug-in's kernels runs."""
+    calls = tmp_path / "calls.log"
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 1\n')
+    cxx.chmod(0o755)
+    env = dict(os.environ, CXX=str(cxx), GGANS_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "tests collected" in out.stdout
+    assert not calls.exists(), calls.read_text()

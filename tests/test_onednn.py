@@ -3,38 +3,14 @@ them on the CPU, and everything falls back to XLA's own when oneDNN is off or mi
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import assert_close
+from conftest import assert_close, needs_onednn, onednn_off, status_under
 from ggans.cpu import layers, onednn
-
-needs_onednn = pytest.mark.skipif(
-    jax.default_backend() != "cpu" or onednn.status() != "ready",
-    reason=f"oneDNN kernels not in use here: {onednn.status()} on {jax.default_backend()}",
-)
-
-
-@contextlib.contextmanager
-def _status_under(monkeypatch, patch):
-    """``onednn.status()`` recomputed with ``patch(m)``'s monkeypatches in force; the patches
-    are undone and the status recomputed afresh after the block."""
-    with monkeypatch.context() as m:
-        patch(m)
-        onednn.status.cache_clear()
-        try:
-            yield
-        finally:
-            onednn.status.cache_clear()
-
-
-def _onednn_off(m):
-    m.setenv("GGANS_ONEDNN", "0")
-
 
 # (input shape [B, H, W, ci], co, kernel, strides, padding)
 GEOMETRIES = [
@@ -128,7 +104,7 @@ def test_dense_layer_lowers_to_onednn_matmul(monkeypatch):
     assert "stablehlo.dot_general" in text  # the kernel gradient
     with_onednn = fast(w, v, x)
 
-    with _status_under(monkeypatch, _onednn_off):
+    with status_under(monkeypatch, onednn_off):
         slow = jax.jit(jax.grad(lambda *a: penalty(*a), argnums=(0, 1)))
         assert "ggans_onednn" not in slow.lower(w, v, x).as_text()
         without = slow(w, v, x)
@@ -164,7 +140,7 @@ def test_layers_lower_to_onednn_and_keep_their_gradients(monkeypatch):
     assert "stablehlo.convolution" not in text
     with_onednn = fast(x, w1, w2)
 
-    with _status_under(monkeypatch, _onednn_off):
+    with status_under(monkeypatch, onednn_off):
         slow = jax.jit(lambda *a: _wgangp_grads(*a))  # a new function: traced afresh
         assert "ggans_onednn" not in slow.lower(x, w1, w2).as_text()
         without = slow(x, w1, w2)
@@ -177,7 +153,7 @@ def test_missing_wheels_fall_back_to_xla(monkeypatch):
     def missing(dist, suffix):
         raise importlib.metadata.PackageNotFoundError(dist)
 
-    with _status_under(monkeypatch, lambda m: m.setattr(onednn, "_wheel_file", missing)):
+    with status_under(monkeypatch, lambda m: m.setattr(onednn, "_wheel_file", missing)):
         assert onednn.status().startswith("unavailable")
         u, w = jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 2))
         assert not onednn.available(u, w, padding=((1, 1), (1, 1)))

@@ -24,6 +24,18 @@ FIGURES = (
 
 
 def _save_config(folder, protocol, split, k, node_drop=0.0, message_loss=0.0):
+    """Relabel a run folder: its run_config.json (what the report reads) and config.yaml."""
+    settings = json.loads((folder / "run_config.json").read_text())
+    settings.update(
+        {
+            "protocol.name": protocol,
+            "data.split": split,
+            "local_steps": k,
+            "faults.node_drop": node_drop,
+            "faults.message_loss": message_loss,
+        }
+    )
+    (folder / "run_config.json").write_text(json.dumps(settings))
     OmegaConf.save(
         OmegaConf.create(
             {
@@ -115,3 +127,20 @@ def test_report_command(tiny_sweep, capsys):
 def test_report_without_runs_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no run folders" in capsys.readouterr().err
+
+
+def test_runs_that_differ_in_another_setting_are_labelled_apart_not_pooled(tiny_sweep, tmp_path):
+    root = tmp_path / "two_losses"
+    for seed, loss in ((0, "wgan_gp"), (1, "wgan_gp"), (0, "nonsat")):
+        copy = root / f"standalone-{loss}-s{seed}"
+        shutil.copytree(tiny_sweep / "standalone-N2-K2-iid-s0", copy)
+        settings = json.loads((copy / "run_config.json").read_text())
+        (copy / "run_config.json").write_text(
+            json.dumps(dict(settings, **{"model.loss": loss, "seed": seed}))
+        )
+    report([root], tmp_path / "figures")
+    records = json.loads((tmp_path / "figures" / "results.json").read_text())
+    by = {r["protocol"]: r for r in records}
+    assert set(by) == {"standalone [model.loss=nonsat]", "standalone [model.loss=wgan_gp]"}
+    assert by["standalone [model.loss=wgan_gp]"]["seeds"] == [0, 1]
+    assert by["standalone [model.loss=nonsat]"]["seeds"] == [0]

@@ -37,7 +37,7 @@ def config_dir() -> Path:
     raise FileNotFoundError("ggans: cannot find the conf/ folder")
 
 
-GROUPS = ("model", "protocol", "topology", "experiment", "logger")
+GROUPS = ("model", "protocol", "topology", "scale", "experiment", "logger")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ def mutable(cls: type) -> type:
 
 
 ConfigStore.instance().store(name="ggans_schema", node=mutable(CliConfig))
+# ``${floordiv:1000,${local_steps}}``: a value in rounds from one in iterations (experiments)
+OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
 
 
 def _flat_keys(cls: type, prefix: str = "") -> set[str]:
@@ -219,8 +221,13 @@ def latest_unfinished(out: Path) -> Path:
     return found
 
 
+# Jobs of this process's multirun that stopped with an error (in-process launchers).
+FAILED: list[str] = []
+
+
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from ggans.run import prepare
     from ggans.tracking import make_loggers
@@ -243,18 +250,26 @@ def _task(cfg: DictConfig) -> None:
         log.info("%s: run folder %s", run_cfg.name, out)
         session = prepare(run_cfg, out, resume=resume)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-        loggers = make_loggers(container.get("logger"), run_cfg, out, container)
+        logger = dict(container.get("logger") or {})
+        choices = HydraConfig.get().runtime.choices
+        if not logger.get("group") and choices.get("experiment"):
+            quick = "-quick" if choices.get("scale") == "quick" else ""
+            logger["group"] = f"{choices['experiment']}{quick}"
+        loggers = make_loggers(logger, run_cfg, out, container)
         summary = session.train(progress=cfg.get("progress", "auto"), loggers=loggers)
         scores = " ".join(
             f"{k}={summary['final'][k]:.4g}"
             for k in ("ms_mean", "fid_mean")
             if k in summary["final"]
         )
-        log.info("%s: done %s; outputs in %s", run_cfg.name, scores, out)
+        log.info("%s: done%s; outputs in %s", run_cfg.name, f" {scores}" if scores else "", out)
     except GGansError as err:
         print(f"ggans: error: {err}", file=sys.stderr)
         if fresh and out == made:
             _remove_refused(made)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the other jobs go on
+            FAILED.append(made.name)
+            return
         sys.exit(2)
     finally:
         if fresh and out != made:
@@ -282,3 +297,6 @@ def main() -> None:
         print(f"ggans: error: {err}", file=sys.stderr)
         sys.exit(2)
     hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(_task)()
+    if FAILED:
+        print(f"ggans: error: {len(FAILED)} job(s) failed: {', '.join(FAILED)}", file=sys.stderr)
+        sys.exit(2)

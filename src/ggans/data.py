@@ -86,17 +86,19 @@ def load_idx(folder: str | os.PathLike) -> Mnist:
 
 
 def load_tfds(data_dir: str | None = None) -> Mnist:
-    """MNIST through ``tfds.data_source`` (needs prepared data or internet; no TensorFlow)."""
+    """MNIST through ``tfds.data_source`` from data tfds has prepared (no download: offline it
+    would retry for minutes; no TensorFlow)."""
     import tensorflow_datasets as tfds
 
     def split(name: str) -> tuple[np.ndarray, np.ndarray]:
         try:
-            source = tfds.data_source("mnist", split=name, data_dir=data_dir)
+            source = tfds.data_source("mnist", split=name, data_dir=data_dir, download=False)
         except Exception as err:  # noqa: BLE001 - offline, no prepared data, broken install
             raise DataError(
                 "data.dir: not set (nor $GGANS_DATA_DIR), and tensorflow-datasets could not "
                 f"load MNIST ({type(err).__name__}: {err}); set data.dir to a folder with the "
-                "four MNIST IDX files, or prepare tfds's mnist where it can download"
+                "four MNIST IDX files, or prepare tfds's mnist once, online: python -c "
+                "\"import tensorflow_datasets as t; t.data_source('mnist')\""
             ) from None
         records = [source[i] for i in range(len(source))]
         images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28, 1) for r in records])

@@ -18,7 +18,8 @@ drawn for whatever the runs cover (default folder: ``<first folder>/figures``):
 - ``fig_faults.png``: final MS and FID against the node-drop and message-loss rates, when
   some runs have faults (figures 2 to 5 then use the fault-free runs only);
 - ``results.md`` (and ``results.json``): final scores, mean and std across machines, per
-  split, N, K and protocol. Several seeds of one setting are pooled.
+  split, N, K and protocol. Several seeds of one setting are pooled; runs that differ in any
+  other setting that changes a result (``run_config.json``) are labelled apart, never pooled.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class Run:
     message_loss: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # run_config.json's
+    variant: str = ""  # the settings besides the figures' axes in which runs differ
 
     @property
     def finished(self) -> bool:
@@ -77,8 +80,10 @@ class Run:
 
     @property
     def competitor(self) -> str:
-        """The protocol, or ``central`` for N = 1 (where every protocol is the same)."""
-        return "central" if self.nodes == 1 else self.protocol
+        """The protocol, or ``central`` for N = 1 (where every protocol is the same), with the
+        run's variant when runs differ in more than the figures show."""
+        base = "central" if self.nodes == 1 else self.protocol
+        return f"{base} [{self.variant}]" if self.variant else base
 
     def final(self, metric: str) -> list[float]:
         """The last evaluated per-machine values of ``metric`` (empty when never scored)."""
@@ -104,6 +109,28 @@ class Run:
         return it, mean, std
 
 
+# Settings the figures and the table show (as axes, panels or series) or pool (seeds): runs that
+# differ in any other key of run_config.json are never pooled, and are labelled apart.
+SHOWN = frozenset(
+    {"seed", "protocol.name", "nodes", "local_steps", "data.split", "eval.every"}
+    | {"faults.node_drop", "faults.message_loss"}
+)
+
+
+def mark_variants(runs: list[Run]) -> list[str]:
+    """Label each run with the values of the keys, outside :data:`SHOWN` and the keys that
+    do not change a result, in which the runs differ; return those keys."""
+    keys = sorted({k for r in runs for k in r.settings} - SHOWN)
+    varying = [k for k in keys if len({json.dumps(r.settings.get(k)) for r in runs}) > 1]
+    for run in runs:
+        run.variant = ", ".join(f"{k}={run.settings.get(k)}" for k in varying)
+    return varying
+
+
+def _base(competitor: str) -> str:
+    return competitor.split(" [")[0]
+
+
 def _load_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.yaml"
     if not path.exists():
@@ -117,7 +144,9 @@ def _load_config(folder: Path) -> dict[str, Any]:
 
 
 def load_run(folder: Path) -> Run:
-    """A run folder's record (settings from config.yaml, else summary.json)."""
+    """A run folder's record: settings from run_config.json (else config.yaml, else
+    summary.json), rows and summary."""
+    settings = _load_settings(folder)
     cfg = _load_config(folder)
     summary = None
     if (folder / "summary.json").exists():
@@ -128,21 +157,36 @@ def load_run(folder: Path) -> Run:
     data = cfg.get("data") or {}
     model = cfg.get("model") or {}
     faults = cfg.get("faults") or {}
+
+    def get(key: str, fallback):
+        return settings.get(key, fallback)
+
     return Run(
         folder=folder,
         name=str(cfg.get("name") or s.get("name") or folder.name),
-        protocol=str(protocol or "unknown"),
-        nodes=int(cfg.get("nodes") or s.get("nodes") or 0),
-        split=str(data.get("split") or s.get("split") or "iid"),
-        local_steps=int(cfg.get("local_steps") or s.get("local_steps") or 0),
-        iterations=int(cfg.get("iterations") or s.get("iterations") or 0),
-        seed=int(cfg.get("seed", s.get("seed", 0)) or 0),
-        arch=str(model.get("arch") or "?"),
-        node_drop=float(faults.get("node_drop") or 0.0),
-        message_loss=float(faults.get("message_loss") or 0.0),
+        protocol=str(get("protocol.name", protocol) or "unknown"),
+        nodes=int(get("nodes", cfg.get("nodes") or s.get("nodes") or 0)),
+        split=str(get("data.split", data.get("split") or s.get("split") or "iid")),
+        local_steps=int(get("local_steps", cfg.get("local_steps") or s.get("local_steps") or 0)),
+        iterations=int(get("iterations", cfg.get("iterations") or s.get("iterations") or 0)),
+        seed=int(get("seed", cfg.get("seed", s.get("seed", 0))) or 0),
+        arch=str(get("model.arch", model.get("arch") or "?")),
+        node_drop=float(get("faults.node_drop", faults.get("node_drop") or 0.0)),
+        message_loss=float(get("faults.message_loss", faults.get("message_loss") or 0.0)),
         rows=read_jsonl(folder / "metrics.jsonl"),
         summary=summary,
+        settings=settings,
     )
+
+
+def _load_settings(folder: Path) -> dict[str, Any]:
+    from ggans.config import OPERATIONAL
+
+    path = folder / "run_config.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    return {k: v for k, v in saved.items() if k not in OPERATIONAL}
 
 
 def find_runs(roots: Iterable[str | Path]) -> list[Run]:
@@ -161,7 +205,8 @@ def find_runs(roots: Iterable[str | Path]) -> list[Run]:
 
 
 def _order(competitor: str) -> int:
-    return PROTOCOL_ORDER.index(competitor) if competitor in PROTOCOL_ORDER else 99
+    base = _base(competitor)
+    return PROTOCOL_ORDER.index(base) if base in PROTOCOL_ORDER else 99
 
 
 def series_key(run: Run, several_k: bool) -> tuple[str, int]:
@@ -176,7 +221,7 @@ def series_label(key: tuple[str, int]) -> str:
 
 def _style(key: tuple[str, int], ks: list[int]) -> dict[str, Any]:
     competitor, k = key
-    style = {"color": COLORS.get(competitor, "tab:purple")}
+    style = {"color": COLORS.get(_base(competitor), "tab:purple")}
     if k and k in ks:
         style["linestyle"] = LINESTYLES[ks.index(k) % len(LINESTYLES)]
     return style
@@ -406,7 +451,7 @@ def _final_against(ax, runs: list[Run], setting: str, metric: str) -> None:
             marker="o",
             capsize=3,
             label=competitor,
-            color=COLORS.get(competitor, "tab:purple"),
+            color=COLORS.get(_base(competitor), "tab:purple"),
         )
     ax.grid(alpha=0.3)
 
@@ -572,6 +617,7 @@ def report(
     runs = find_runs(roots)
     if not runs:
         raise FileNotFoundError(f"no run folders (with metrics.jsonl) under {roots}")
+    mark_variants(runs)
     out = Path(out) if out else roots[0] / "figures"
     out.mkdir(parents=True, exist_ok=True)
     title = title or ", ".join(r.name for r in roots)

@@ -86,6 +86,9 @@ def prepare(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str = "auto",
     ``False`` refuses a used folder."""
     folder = RunFolder(out_dir, cfg)
     done = folder.check(resume)
+    summary = folder.summary()
+    if done is not None and done >= cfg.rounds and summary is not None:
+        return Run(cfg, folder, finished=summary)  # nothing to load, build or compile
     mnist = load_mnist(cfg.data.dir) if mnist is None else mnist
     sharding = replica_sharding(cfg.nodes) if cfg.shard else None
     state_shape = replicas_shape(cfg.model, cfg.nodes, cfg.init)
@@ -111,11 +114,12 @@ class Run:
 
     cfg: RunConfig
     folder: RunFolder
-    mnist: Any
-    shards: Shards
-    state: GanState
-    spec: RoundSpec
+    mnist: Any = None
+    shards: Shards | None = None
+    state: GanState | None = None
+    spec: RoundSpec | None = None
     resumed: int | None = None  # rounds of the checkpoint to continue from
+    finished: dict[str, Any] | None = None  # the summary of a run that is already done
 
     def train(
         self,
@@ -126,6 +130,9 @@ class Run:
     ) -> dict[str, Any]:
         """Train the remaining rounds; return the summary (a finished run is not redone)."""
         cfg = self.cfg
+        if self.finished is not None:
+            log.info("%s: already finished; outputs in %s", cfg.name, self.folder.path)
+            return self.finished
         self.folder.begin()
         self.cum = {
             "sent": np.zeros(cfg.nodes),
@@ -146,11 +153,6 @@ class Run:
             )
             rows = back.rows
             log.info("%s: resuming after round %d of %d", cfg.name, self.start, cfg.rounds)
-            summary = self.folder.summary()
-            if self.start >= cfg.rounds and summary is not None:
-                self.folder.close()
-                log.info("%s: already finished; outputs in %s", cfg.name, self.folder.path)
-                return summary
         self.evaluator = self._evaluator(evaluator)
         self.loggers = loggers
         self.offset = rows[-1]["wall_time"] if rows else 0.0

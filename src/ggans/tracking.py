@@ -4,7 +4,7 @@
 per run: the resolved config, every round's row (scalars against ``iteration``, with
 ``round`` as a second x-axis; per-machine values as histograms), the latest sample grid on
 evaluation rounds, and the summary at the end. Runs are named after the run (e.g.
-``gossip_ind-N100-iid-s0``), grouped by sweep (``logger.group``, which ``ggans.sweep`` sets),
+``gossip_ind-N100-iid-s0``), grouped by experiment (``logger.group``: by default the experiment),
 with the protocol as job type and tags for protocol, N, split and K, so that a dashboard
 grouped by job type compares protocols per N at a glance.
 
