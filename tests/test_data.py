@@ -136,3 +136,39 @@ def test_tensorflow_datasets_path_loads_mnist_where_tfds_has_it(monkeypatch):
     assert mnist.train_images.shape == (12, 28, 28, 1) and mnist.train_images.dtype == np.uint8
     assert mnist.test_images.shape == (12, 28, 28, 1)
     assert mnist.train_labels.shape == (12,) and mnist.train_labels.max() <= 9
+
+
+def _write_idx(folder, stem, array):
+    header = (0x800 + array.ndim).to_bytes(4, "big") + b"".join(
+        d.to_bytes(4, "big") for d in array.shape
+    )
+    with gzip.open(folder / f"{stem}.gz", "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_the_mnist_layout_and_refuses_mnist_itself(tmp_path, mnist_dir):
+    from ggans import datasets
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60000), ("t10k", 10000)):
+        _write_idx(tmp_path, f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path, f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    images = datasets.load("fashion_mnist", tmp_path)
+    assert images.train_images.shape == (60000, 28, 28, 1) and images.test_labels.shape == (10000,)
+    with pytest.raises(DataError, match="holds MNIST, not Fashion-MNIST"):
+        datasets.load("fashion_mnist", mnist_dir)
+    _write_idx(tmp_path, "t10k-labels-idx1-ubyte", rng.integers(0, 10, 9999))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte is corrupt"):
+        datasets.load("fashion_mnist", tmp_path)
+
+
+def test_any_tfds_image_set_by_name(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from ggans import datasets
+
+    with tfds.testing.mock_data(num_examples=8):
+        images = datasets.load("tfds:cifar10")
+    assert images.train_images.shape == (8, 32, 32, 3) and images.train_images.dtype == np.uint8
+    assert not datasets.get("tfds:cifar10").scored
+    with pytest.raises(ConfigError, match="data.name='cifar': must be one of mnist, fashion_mnist"):
+        datasets.get("cifar")

@@ -36,7 +36,7 @@ def test_paper_model_matches_the_reference_layers():
     assert g["out"] == {"kernel": (4, 4, 32, 1), "bias": (1,)}
     assert "bias" not in g["Dense_0"]  # batch norm follows: no bias
     # batch norm: centre only (no scale), running mean and variance
-    assert set(s.g_stats["BatchNorm_0"]) == {"mean", "var"}
+    assert set(s.g_state["batch_stats"]["BatchNorm_0"]) == {"mean", "var"}
     assert set(s.g_params["BatchNorm_0"]) == {"bias"}
     d = jax.tree.map(jnp.shape, s.d_params)
     assert d["Conv_0"]["kernel"] == (4, 4, 1, 64)

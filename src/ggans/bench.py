@@ -186,7 +186,7 @@ def bench_exchange(arch: str, n: int, repeats: int = 3):
     # updated in place as in the round.
     tree = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (n, *x.shape)).copy(),
-        (one.g_params, one.g_stats, one.d_params),
+        (one.g_params, one.g_state, one.d_params),
     )
     del one
     out = {}

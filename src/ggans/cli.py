@@ -71,6 +71,8 @@ def mutable(cls: type) -> type:
     hints = typing.get_type_hints(cls)
     fields = []
     for f in dataclasses.fields(cls):
+        if f.metadata.get("derived"):  # not a setting: set from others when a run starts
+            continue
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             kind = mutable(kind)
@@ -92,6 +94,8 @@ def _flat_keys(cls: type, prefix: str = "") -> set[str]:
     keys: set[str] = set()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("derived"):
+            continue
         keys.add(prefix + f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             keys |= _flat_keys(hints[f.name], f"{prefix}{f.name}.")

@@ -11,11 +11,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ggans import impls, protocols, topologies
+from ggans import datasets, impls, protocols, topologies
 from ggans.data import SPLITS
 from ggans.errors import ConfigError
 from ggans.gan import LOSSES, GanSpec
-from ggans.models import ARCHS, PRECISIONS
+from ggans.models import ARCHITECTURES, PRECISIONS
 from ggans.protocols import FORMS, Faults
 from ggans.replicas import INITS
 from ggans.topologies import TopologySpec
@@ -35,8 +35,11 @@ class MixingConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    name: str = (
+        "mnist"  # a registered dataset (ggans.datasets): mnist | fashion_mnist | tfds:<name>
+    )
     split: str = "iid"  # iid | non_iid (machine i holds digit i mod 10)
-    dir: str | None = None  # folder of the MNIST IDX files; None: $GGANS_DATA_DIR, else tfds
+    dir: str | None = None  # folder of the IDX files; None: $GGANS_DATA_DIR, else tfds
     fraction: float = 1.0  # share of the training images used (before splitting)
 
 
@@ -138,10 +141,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("init", cfg.init, INITS)
     _choice("mixing.form", cfg.mixing.form, FORMS)
     _choice("data.split", cfg.data.split, SPLITS)
+    if cfg.eval.every and not datasets.get(cfg.data.name).scored:
+        raise ConfigError(
+            f"eval.every={cfg.eval.every}: data.name={cfg.data.name!r} has no classifier for MS "
+            "and FID; set eval.every=0 to train without scores"
+        )
     if not isinstance(cfg.data.fraction, int | float) or not 0 < cfg.data.fraction <= 1:
         raise ConfigError(f"data.fraction={cfg.data.fraction!r}: must be in (0, 1]")
     m = cfg.model
-    _choice("model.arch", m.arch, tuple(ARCHS))
+    _choice("model.arch", m.arch, tuple(ARCHITECTURES))
     _choice("model.loss", m.loss, LOSSES)
     _choice("model.impl", m.impl, impls.names())
     impls.check(m.impl)
@@ -183,16 +191,16 @@ def from_dict(d: dict) -> RunConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def flat(cfg: RunConfig) -> dict[str, Any]:
-    """Every setting under its dotted key (``model.arch``), tuples as lists."""
-    return _flat(dataclasses.asdict(cfg))
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Every setting under its dotted key (``model.arch``), tuples as lists; fields derived
+    from others (``metadata={"derived": True}``, e.g. the image shape) are left out."""
     out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("derived"):
+            continue
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flat(v, f"{prefix}{f.name}."))
         else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+            out[f"{prefix}{f.name}"] = list(v) if isinstance(v, tuple) else v
     return out

@@ -1,4 +1,5 @@
-"""MNIST loading (local IDX files or tensorflow-datasets) and per-machine shards.
+"""Image loading (IDX files, tensorflow-datasets) and per-machine shards; which dataset is
+which is :mod:`ggans.datasets`'s.
 
 Images stay uint8 on the host and on the device; :func:`to_model_range` maps them to the
 GAN's pixel range inside the compiled step, as the TF reference does: (x - 128) / 128.
@@ -28,8 +29,8 @@ IDX_FILES: dict[str, tuple[str, str]] = {
 SPLITS = ("iid", "non_iid")
 
 
-class Mnist(NamedTuple):
-    """MNIST as uint8 arrays: images [n, 28, 28, 1], labels [n]."""
+class Images(NamedTuple):
+    """A labelled image dataset as uint8 arrays: images [n, H, W, C], labels [n]."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -44,7 +45,11 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return None if data_dir is None else Path(data_dir).expanduser()
 
 
-def _read_payload(folder: Path, stem: str) -> bytes:
+def _idx_bytes(array: np.ndarray) -> int:
+    return 4 + 4 * array.ndim + array.size
+
+
+def _read_payload(folder: Path, stem: str, what: str = "MNIST") -> bytes:
     for name in (stem, stem + ".gz"):
         path = folder / name
         if path.is_file():
@@ -53,7 +58,7 @@ def _read_payload(folder: Path, stem: str) -> bytes:
                 return gzip.decompress(raw) if name.endswith(".gz") else raw
             except (OSError, EOFError, gzip.BadGzipFile) as err:
                 raise DataError(f"data.dir: cannot read {path}: {err}") from None
-    raise DataError(f"data.dir: missing MNIST file {folder / stem}[.gz] (need the four IDX files)")
+    raise DataError(f"data.dir: missing {what} file {folder / stem}[.gz] (need the four IDX files)")
 
 
 def _parse_idx(payload: bytes, name: str, ndim: int) -> np.ndarray:
@@ -64,20 +69,31 @@ def _parse_idx(payload: bytes, name: str, ndim: int) -> np.ndarray:
     return np.frombuffer(payload, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_idx(folder: str | os.PathLike) -> Mnist:
-    """Read the four MNIST IDX files (plain or .gz) and check their md5 checksums."""
+Mnist = Images  # the name the paper's dataset had here first
+
+
+def load_idx(
+    folder: str | os.PathLike, md5: dict[str, str] | None = None, what: str = "MNIST"
+) -> Images:
+    """Read the four IDX files of MNIST's layout (plain or .gz), checking their md5 checksums
+    when ``md5`` is given (default: MNIST's) or their sizes (60,000 and 10,000) when ``{}``."""
+    md5 = {k: v[1] for k, v in IDX_FILES.items()} if md5 is None else md5
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(
             f"data.dir: folder {folder} does not exist (set data.dir or ${DATA_DIR_ENV})"
         )
     arrays = {}
-    for key, (stem, md5) in IDX_FILES.items():
-        payload = _read_payload(folder, stem)
-        if hashlib.md5(payload).hexdigest() != md5:
-            raise DataError(f"data.dir: {folder / stem} is corrupt (md5 differs from {md5})")
+    for key, (stem, _) in IDX_FILES.items():
+        payload = _read_payload(folder, stem, what)
+        want = md5.get(key)
+        if want is not None and hashlib.md5(payload).hexdigest() != want:
+            raise DataError(f"data.dir: {folder / stem} is corrupt (md5 differs from {want})")
         arrays[key] = _parse_idx(payload, stem, 3 if key.endswith("images") else 1)
-    return Mnist(
+        size = 60000 if key.startswith("train") else 10000
+        if want is None and (len(payload) != _idx_bytes(arrays[key]) or len(arrays[key]) != size):
+            raise DataError(f"data.dir: {folder / stem} is corrupt (not {size} records)")
+    return Images(
         arrays["train_images"][..., None],
         arrays["train_labels"],
         arrays["test_images"][..., None],
@@ -85,30 +101,31 @@ def load_idx(folder: str | os.PathLike) -> Mnist:
     )
 
 
-def load_tfds(data_dir: str | None = None) -> Mnist:
-    """MNIST through ``tfds.data_source`` from data tfds has prepared (no download: offline it
-    would retry for minutes; no TensorFlow)."""
+def load_tfds(data_dir: str | None = None, name: str = "mnist") -> Images:
+    """A tensorflow-datasets image set (``image`` and ``label`` features) through
+    ``tfds.data_source``, from data tfds has prepared (no download: offline it would retry for
+    minutes; no TensorFlow)."""
     import tensorflow_datasets as tfds
 
-    def split(name: str) -> tuple[np.ndarray, np.ndarray]:
+    def split(split_name: str) -> tuple[np.ndarray, np.ndarray]:
         try:
-            source = tfds.data_source("mnist", split=name, data_dir=data_dir, download=False)
+            source = tfds.data_source(name, split=split_name, data_dir=data_dir, download=False)
         except Exception as err:  # noqa: BLE001 - offline, no prepared data, broken install
             raise DataError(
-                "data.dir: not set (nor $GGANS_DATA_DIR), and tensorflow-datasets could not "
-                f"load MNIST ({type(err).__name__}: {err}); set data.dir to a folder with the "
-                "four MNIST IDX files, or prepare tfds's mnist once, online: python -c "
-                "\"import tensorflow_datasets as t; t.data_source('mnist')\""
+                f"data.dir: not set (nor $GGANS_DATA_DIR), and tensorflow-datasets could not "
+                f"load {name} ({type(err).__name__}: {err}); set data.dir to a folder with the "
+                f"four IDX files, or prepare tfds's {name} once, online: python -c "
+                f"\"import tensorflow_datasets as t; t.data_source('{name}')\""
             ) from None
         records = [source[i] for i in range(len(source))]
-        images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28, 1) for r in records])
-        labels = np.asarray([r["label"] for r in records], np.uint8)
-        return images, labels
+        images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+        labels = np.asarray([r["label"] for r in records], np.int32)
+        return images.reshape(images.shape[:3] + (-1,)), labels
 
-    return Mnist(*split("train"), *split("test"))
+    return Images(*split("train"), *split("test"))
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
+def load_mnist(data_dir: str | os.PathLike | None = None) -> Images:
     """MNIST from ``data_dir`` (or $GGANS_DATA_DIR) when set, else from tensorflow-datasets."""
     folder = resolve_data_dir(data_dir)
     return load_tfds() if folder is None else load_idx(folder)
@@ -131,15 +148,20 @@ def subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def split_indices(
-    labels: np.ndarray, nodes: int, split: str, seed: int, pool: np.ndarray | None = None
+    labels: np.ndarray,
+    nodes: int,
+    split: str,
+    seed: int,
+    pool: np.ndarray | None = None,
+    classes: int = 10,
 ) -> list[np.ndarray]:
     """Per-machine shards of training-image indices (drawn from ``pool``, default: all).
 
     ``iid``: a seeded random permutation cut into ``nodes`` equal, disjoint shares (the
     remainder of ``len(pool) % nodes`` images is left out, so shares are equal).
-    ``non_iid``: machine i holds digit ``i % 10`` when ``nodes >= 10`` (a digit's images are
-    divided evenly among the machines sharing it); when ``nodes < 10`` machine i holds the
-    digits d with ``d % nodes == i``. So N = 10 is the paper's one digit per machine.
+    ``non_iid``: machine i holds class ``i % C`` when ``nodes >= C`` (a class's images are
+    divided evenly among the machines sharing it); when ``nodes < C`` machine i holds the
+    classes d with ``d % nodes == i``. So N = 10 on MNIST is the paper's one digit per machine.
     """
     pool = np.arange(len(labels)) if pool is None else np.asarray(pool)
     if nodes < 1:
@@ -154,9 +176,11 @@ def split_indices(
         order = rng.permutation(pool)
         return [np.sort(order[i * share : (i + 1) * share]) for i in range(nodes)]
     shards: list[list[np.ndarray]] = [[] for _ in range(nodes)]
-    for digit in range(10):
+    for digit in range(classes):
         owners = [
-            i for i in range(nodes) if (i % 10 == digit if nodes >= 10 else digit % nodes == i)
+            i
+            for i in range(nodes)
+            if (i % classes == digit if nodes >= classes else digit % nodes == i)
         ]
         images = rng.permutation(pool[labels[pool] == digit])
         for owner, part in zip(owners, np.array_split(images, len(owners)), strict=True):

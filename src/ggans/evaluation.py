@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 def sample_population(
     spec: GanSpec, state: GanState, key: jax.Array, samples: int, chunk: int | None = None
 ) -> jax.Array:
-    """Images [N, samples, 28, 28, 1] from every machine's generator (eval-mode batch norm).
+    """Images [N, samples, H, W, C] from every machine's generator (eval-mode batch norm).
 
     Machine i draws its noise from ``split(key, N)[i]``. ``chunk`` machines are vmapped at a
     time (``None``: all at once); XLA's CPU backend prefers 1, accelerators prefer all.
@@ -42,24 +42,26 @@ def sample_population(
     def one(args):
         params, stats, k = args
         z = jax.random.normal(k, (samples, spec.noise_dim))
-        return generate(spec, GanState(params, stats, None, None, None), z)
+        return generate(spec, GanState(params, stats, None, None, None, None), z)
 
-    return jax.lax.map(one, (state.g_params, state.g_stats, keys), batch_size=chunk or n)
+    return jax.lax.map(one, (state.g_params, state.g_state, keys), batch_size=chunk or n)
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
     """A PNG grid: one row per machine, ``columns`` samples each (images in [-1, 1])."""
     from PIL import Image
 
-    rows = images[:, :columns, :, :, 0]
+    rows = images[:, :columns]  # [R, C, H, W, channels]
     pixels = np.clip((rows + 1.0) * 127.5, 0, 255).astype(np.uint8)
-    r, c = pixels.shape[:2]
-    canvas = np.full((r * 30 + 2, c * 30 + 2), 255, np.uint8)
+    r, c, h, w, channels = pixels.shape
+    canvas = np.full((r * (h + 2) + 2, c * (w + 2) + 2, channels), 255, np.uint8)
     for i in range(r):
         for j in range(c):
-            canvas[2 + i * 30 : 30 + i * 30, 2 + j * 30 : 30 + j * 30] = pixels[i, j]
+            y, x = 2 + i * (h + 2), 2 + j * (w + 2)
+            canvas[y : y + h, x : x + w] = pixels[i, j]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), 0).save(path)
+    picture = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+    picture.resize((canvas.shape[1] * 2, canvas.shape[0] * 2), 0).save(path)
 
 
 class Evaluator:

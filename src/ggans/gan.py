@@ -7,16 +7,17 @@ section 1): a discriminator update, then a generator update, each with fresh noi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from ggans import impls
-from ggans.models import ARCHS, Discriminator, Generator, l2_penalty
+from ggans import impls, models
+from ggans.models import l2_penalty
 
 LOSSES = ("wgan_gp", "nonsat")
 PyTree = Any
@@ -39,14 +40,20 @@ class GanSpec:
     bn_momentum: float = 0.999
     impl: str = "auto"  # the layer set (ggans.impls): auto | patches | flax | cpu | ...
     precision: str = "default"  # the layers' products: default | highest | bf16
+    # [H, W, C] of the images: set from the dataset when a run starts (not a setting)
+    image_shape: tuple[int, int, int] = field(default=(28, 28, 1), metadata={"derived": True})
 
     @property
-    def generator(self) -> Generator:
-        return Generator(ARCHS[self.arch], self.bn_momentum, self.impl, self.precision)
+    def architecture(self) -> models.Architecture:
+        return models.get(self.arch)
 
     @property
-    def discriminator(self) -> Discriminator:
-        return Discriminator(ARCHS[self.arch], self.impl, self.precision)
+    def generator(self) -> nn.Module:
+        return self.architecture.generator(self)
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.architecture.discriminator(self)
 
     @property
     def g_adam(self) -> dict[str, float]:
@@ -67,13 +74,25 @@ def _adam_step(impl: impls.Impl, adam: dict[str, float], grads, state, params):
 
 
 class GanState(struct.PyTreeNode):
-    """One machine's GAN; stacked, every leaf gains a leading machine axis."""
+    """One machine's GAN; stacked, every leaf gains a leading machine axis. ``g_state`` and
+    ``d_state`` hold the networks' other variable collections by name (the paper's generator:
+    ``batch_stats``, its running means and variances; its discriminator: none)."""
 
     g_params: PyTree
-    g_stats: PyTree  # batch-norm running means and variances
+    g_state: dict[str, PyTree]
     d_params: PyTree
+    d_state: dict[str, PyTree]
     g_opt: PyTree
     d_opt: PyTree
+
+
+def _apply(module: nn.Module, params, collections: dict, x, **kwargs):
+    """``module(x)`` with its collections updated: (output, new collections)."""
+    variables = {"params": params, **collections}
+    if not collections:
+        return module.apply(variables, x, **kwargs), {}
+    out, new = module.apply(variables, x, mutable=list(collections), **kwargs)
+    return out, dict(new)
 
 
 class StepMetrics(struct.PyTreeNode):
@@ -88,20 +107,22 @@ class StepMetrics(struct.PyTreeNode):
 def init_gan(spec: GanSpec, key: jax.Array) -> GanState:
     """Fresh weights (TF1 initialisers) and Adam states for one machine."""
     g_key, d_key = jax.random.split(key)
+    arch = spec.architecture
     g_vars = spec.generator.init(g_key, jnp.zeros((1, spec.noise_dim)), train=False)
-    d_params = spec.discriminator.init(d_key, jnp.zeros((1, 28, 28, 1)))["params"]
+    d_vars = spec.discriminator.init(d_key, jnp.zeros((1, *spec.image_shape)))
     return GanState(
         g_params=g_vars["params"],
-        g_stats=g_vars["batch_stats"],
-        d_params=d_params,
+        g_state={c: g_vars[c] for c in arch.g_collections},
+        d_params=d_vars["params"],
+        d_state={c: d_vars[c] for c in arch.d_collections},
         g_opt=optax.adam(**spec.g_adam).init(g_vars["params"]),
-        d_opt=optax.adam(**spec.d_adam).init(d_params),
+        d_opt=optax.adam(**spec.d_adam).init(d_vars["params"]),
     )
 
 
 def generate(spec: GanSpec, state: GanState, z: jax.Array) -> jax.Array:
-    """Samples in eval mode (batch-norm running statistics): z [S, noise] -> [S, 28, 28, 1]."""
-    variables = {"params": state.g_params, "batch_stats": state.g_stats}
+    """Samples in eval mode (batch-norm running statistics): z [S, noise] -> [S, H, W, C]."""
+    variables = {"params": state.g_params, **state.g_state}
     return spec.generator.apply(variables, z, train=False)
 
 
@@ -119,25 +140,24 @@ def train_step(
 ) -> tuple[GanState, StepMetrics]:
     """One local iteration for one machine: a D update, then a G update.
 
-    ``real`` is a minibatch [B, 28, 28, 1] already in the model's range.
+    ``real`` is a minibatch [B, H, W, C] already in the model's range.
     """
-    gen, disc = spec.generator, spec.discriminator
+    gen, disc, arch = spec.generator, spec.discriminator, spec.architecture
     impl = impls.get(spec.impl)
     z_d, z_g, gp_key = jax.random.split(key, 3)
     batch = real.shape[0]
 
     def g_forward(g_params, z):
-        variables = {"params": g_params, "batch_stats": state.g_stats}
-        return gen.apply(variables, z, train=True, mutable=["batch_stats"])
+        return _apply(gen, g_params, state.g_state, z, train=True)
 
     fake, _ = g_forward(state.g_params, jax.random.normal(z_d, (batch, spec.noise_dim)))
     fake = jax.lax.stop_gradient(fake)
 
     def d_loss_fn(d_params):
         def d_apply(x):
-            return disc.apply({"params": d_params}, x)
+            return _apply(disc, d_params, state.d_state, x)[0]
 
-        logits = d_apply(jnp.concatenate([real, fake]))
+        logits, d_state = _apply(disc, d_params, state.d_state, jnp.concatenate([real, fake]))
         d_real, d_fake = logits[:batch], logits[batch:]
         wasserstein = jnp.mean(d_real) - jnp.mean(d_fake)
         if spec.loss == "wgan_gp":
@@ -146,25 +166,25 @@ def train_step(
         else:
             gp = jnp.zeros(())
             loss = jnp.mean(jax.nn.softplus(-d_real)) + jnp.mean(jax.nn.softplus(d_fake))
-        loss = loss + spec.weight_decay * l2_penalty(d_params, skip="logit")
-        return loss, (wasserstein, gp)
+        loss = loss + spec.weight_decay * l2_penalty(d_params, arch.d_decays)
+        return loss, (wasserstein, gp, d_state)
 
     d_value_and_grad = jax.value_and_grad(d_loss_fn, has_aux=True)
     if impl.wrap_d_grad is not None:
         d_value_and_grad = impl.wrap_d_grad(d_value_and_grad)
-    (d_loss, (wasserstein, gp)), d_grads = d_value_and_grad(state.d_params)
+    (d_loss, (wasserstein, gp, d_state)), d_grads = d_value_and_grad(state.d_params)
     d_params, d_opt = _adam_step(impl, spec.d_adam, d_grads, state.d_opt, state.d_params)
 
     def g_loss_fn(g_params):
-        fake, new_vars = g_forward(g_params, jax.random.normal(z_g, (batch, spec.noise_dim)))
-        d_fake = disc.apply({"params": d_params}, fake)
+        fake, g_state = g_forward(g_params, jax.random.normal(z_g, (batch, spec.noise_dim)))
+        d_fake, _ = _apply(disc, d_params, d_state, fake)
         wgan = spec.loss == "wgan_gp"
         loss = -jnp.mean(d_fake) if wgan else jnp.mean(jax.nn.softplus(-d_fake))
-        loss = loss + spec.weight_decay * l2_penalty(g_params, skip="out")
-        return loss, new_vars["batch_stats"]
+        loss = loss + spec.weight_decay * l2_penalty(g_params, arch.g_decays)
+        return loss, g_state
 
-    (g_loss, g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
+    (g_loss, g_state), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
     g_params, g_opt = _adam_step(impl, spec.g_adam, g_grads, state.g_opt, state.g_params)
 
-    new_state = GanState(g_params, g_stats, d_params, g_opt, d_opt)
+    new_state = GanState(g_params, g_state, d_params, d_state, g_opt, d_opt)
     return new_state, StepMetrics(g_loss, d_loss, wasserstein, gp)

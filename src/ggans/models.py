@@ -1,4 +1,11 @@
-"""The TF MNIST GAN (reference-notes section 1) in Flax: generator and discriminator.
+"""GAN architectures by name (``model.arch``), and the TF MNIST GAN (reference-notes section 1)
+in Flax.
+
+An :class:`Architecture` builds the generator and the discriminator of a
+:class:`~ggans.gan.GanSpec`, says which of their parameters take weight decay, and which
+variable collections besides ``params`` each keeps (the generator's batch statistics here; a
+discriminator with spectral norm or batch norm would name its own). Register one with
+``@register("name")`` on a function returning it.
 
 ``paper`` is the published model; ``tiny`` keeps its shapes with narrow layers, for tests and
 quick runs. The layers come from the layer set named by ``impl`` (:mod:`ggans.impls`): each
@@ -8,7 +15,9 @@ products run (:data:`PRECISIONS`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,10 +41,66 @@ class Arch:
     d_dense: int = 1024
 
 
-ARCHS = {
-    "paper": Arch(),
-    "tiny": Arch(g_dense=64, g_base=16, g_convs=(16, 8), d_convs=(8, 16), d_dense=64),
-}
+def kernels_except(layer: str) -> Callable[[tuple[str, ...]], bool]:
+    """Weight decay on every ``kernel`` except those of the layer named ``layer`` (TF's
+    l2_regularizer on all layers but the output one, as in the reference)."""
+    return lambda path: path[-1] == "kernel" and layer not in path
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A GAN's two networks, built from a GanSpec, and what the GAN step needs to know of them.
+
+    ``generator(spec)`` is a module called as ``(z, train=...)`` returning images [B, H, W, C]
+    in [-1, 1]; ``discriminator(spec)`` one called as ``(images)`` returning logits [B].
+    ``g_decays`` / ``d_decays`` say, from a parameter's path of names, whether it takes weight
+    decay; ``g_collections`` / ``d_collections`` name the variable collections each keeps and
+    updates in training besides ``params`` (mixed with the parameters by every protocol).
+    """
+
+    generator: Callable[[Any], nn.Module]
+    discriminator: Callable[[Any], nn.Module]
+    g_decays: Callable[[tuple[str, ...]], bool] = kernels_except("out")
+    d_decays: Callable[[tuple[str, ...]], bool] = kernels_except("logit")
+    g_collections: tuple[str, ...] = ("batch_stats",)
+    d_collections: tuple[str, ...] = ()
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(name: str):
+    """Register ``fn() -> Architecture`` as ``model.arch=name``."""
+
+    def add(fn: Callable[[], Architecture]):
+        ARCHITECTURES[name] = fn()
+        return fn
+
+    return add
+
+
+def get(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"model.arch={name!r}: must be one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def tf_mnist_gan(widths: Arch) -> Architecture:
+    """The reference's generator and discriminator with these layer widths."""
+    return Architecture(
+        generator=lambda s: Generator(widths, s.bn_momentum, s.impl, s.precision, s.image_shape),
+        discriminator=lambda s: Discriminator(widths, s.impl, s.precision),
+    )
+
+
+@register("paper")
+def paper() -> Architecture:
+    return tf_mnist_gan(Arch())
+
+
+@register("tiny")
+def tiny() -> Architecture:
+    return tf_mnist_gan(Arch(g_dense=64, g_base=16, g_convs=(16, 8), d_convs=(8, 16), d_dense=64))
 
 
 #: How the layers' products run: ``default`` is JAX's own (exact float32 on a CPU; TF32 on
@@ -69,7 +134,8 @@ def _layers(impl: str, precision: str):
 
 
 class Generator(nn.Module):
-    """z [B, noise] -> images [B, 28, 28, 1] in [-1, 1].
+    """z [B, noise] -> images [B, H, W, C] in [-1, 1] (MNIST: 28, 28, 1), from an H/4 x W/4
+    base upsampled twice.
 
     Batch norm as TF1's defaults in the reference: decay 0.999, epsilon 1e-3, no scale.
     """
@@ -78,6 +144,7 @@ class Generator(nn.Module):
     bn_momentum: float = 0.999
     impl: str = "auto"
     precision: str = "default"
+    image_shape: tuple[int, int, int] = (28, 28, 1)
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
@@ -92,20 +159,22 @@ class Generator(nn.Module):
             )(x)
 
         a = self.arch
+        h, w, channels = self.image_shape
+        base = (h // 2 ** len(a.g_convs), w // 2 ** len(a.g_convs))
         x = nn.relu(bn(dense(a.g_dense, use_bias=False, kernel_init=_init)(z)))
-        x = nn.relu(bn(dense(7 * 7 * a.g_base, use_bias=False, kernel_init=_init)(x)))
-        x = x.reshape(x.shape[:-1] + (7, 7, a.g_base))
+        x = nn.relu(bn(dense(base[0] * base[1] * a.g_base, use_bias=False, kernel_init=_init)(x)))
+        x = x.reshape(x.shape[:-1] + (*base, a.g_base))
         for width in a.g_convs:
             x = conv_t(
                 width, (4, 4), strides=(2, 2), padding="SAME", use_bias=False, kernel_init=_init
             )(x)
             x = nn.relu(bn(x))
-        x = conv(1, (4, 4), strides=(1, 1), padding="SAME", kernel_init=_init, name="out")(x)
+        x = conv(channels, (4, 4), strides=(1, 1), padding="SAME", kernel_init=_init, name="out")(x)
         return jnp.tanh(x)
 
 
 class Discriminator(nn.Module):
-    """images [B, 28, 28, 1] -> logits [B] (a critic value under WGAN-GP)."""
+    """images [B, H, W, C] -> logits [B] (a critic value under WGAN-GP)."""
 
     arch: Arch = Arch()
     impl: str = "auto"
@@ -123,12 +192,11 @@ class Discriminator(nn.Module):
         return dense(1, kernel_init=_init, name="logit")(x)[..., 0]
 
 
-def l2_penalty(params, skip: str) -> jax.Array:
-    """TF's l2_regularizer: sum(w**2) / 2 over every kernel except the layer named ``skip``."""
+def l2_penalty(params, decays: Callable[[tuple[str, ...]], bool]) -> jax.Array:
+    """TF's l2_regularizer: sum(w**2) / 2 over the parameters whose path ``decays``."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     total = jnp.zeros((), jnp.float32)
     for path, leaf in leaves:
-        names = [getattr(p, "key", "") for p in path]
-        if names[-1] == "kernel" and skip not in names:
+        if decays(tuple(str(getattr(p, "key", "")) for p in path)):
             total = total + 0.5 * jnp.sum(jnp.square(leaf))
     return total

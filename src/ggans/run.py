@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ggans import impls, memory
+from ggans import datasets, impls, memory
 from ggans.config import RunConfig
-from ggans.data import load_mnist, pad_shards, split_indices, subsample
+from ggans.data import Images, pad_shards, split_indices, subsample
 from ggans.errors import GGansError
 from ggans.gan import GanState
 from ggans.progress import log_through, progress_bar
@@ -44,12 +44,14 @@ class Logger(Protocol):
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
-def make_shards(cfg: RunConfig, mnist) -> Shards:
+def make_shards(cfg: RunConfig, images: Images) -> Shards:
     """Every machine's share of the training images, as device arrays."""
-    pool = subsample(mnist.train_labels, cfg.data.fraction, cfg.seed)
-    parts = split_indices(mnist.train_labels, cfg.nodes, cfg.data.split, cfg.seed, pool)
+    labels = images.train_labels
+    pool = subsample(labels, cfg.data.fraction, cfg.seed)
+    classes = datasets.classes(cfg.data.name, images)
+    parts = split_indices(labels, cfg.nodes, cfg.data.split, cfg.seed, pool, classes)
     index, size = pad_shards(parts)
-    return Shards(jnp.asarray(mnist.train_images), jnp.asarray(index), jnp.asarray(size))
+    return Shards(jnp.asarray(images.train_images), jnp.asarray(index), jnp.asarray(size))
 
 
 def round_row(r: int, cfg: RunConfig, wall: float, info: RoundInfo, cum: dict) -> dict:
@@ -83,13 +85,15 @@ def prepare(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str = "auto",
     """Check the folder, the data and the memory, and build (or restore) the state and the
     round; nothing is written, so a refused run leaves no trace. ``resume``: ``"auto"``
     continues from the folder's latest checkpoint when there is one, ``True`` requires one,
-    ``False`` refuses a used folder."""
+    ``False`` refuses a used folder. ``mnist``: the dataset's images, when already loaded."""
     folder = RunFolder(out_dir, cfg)
     done = folder.check(resume)
     summary = folder.summary()
     if done is not None and done >= cfg.rounds and summary is not None:
         return Run(cfg, folder, finished=summary)  # nothing to load, build or compile
-    mnist = load_mnist(cfg.data.dir) if mnist is None else mnist
+    mnist = datasets.load(cfg.data.name, cfg.data.dir) if mnist is None else mnist
+    shape = tuple(int(d) for d in mnist.train_images.shape[1:])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_shape=shape))
     sharding = replica_sharding(cfg.nodes) if cfg.shard else None
     state_shape = replicas_shape(cfg.model, cfg.nodes, cfg.init)
     memory.check_state_fits(state_shape, mnist.train_images.nbytes, cfg.nodes)

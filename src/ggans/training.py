@@ -84,8 +84,8 @@ def round_keys(train_key: jax.Array, r: int | jax.Array, n: int) -> tuple[jax.Ar
 def message_bytes(state: GanState, mix_optimizer: bool) -> tuple[int, int]:
     """Bytes of one G message and one D message (one machine's mixed leaves)."""
     one = jax.tree.map(lambda x: x[0], state)
-    g = protocols.tree_bytes((one.g_params, one.g_stats))
-    d = protocols.tree_bytes(one.d_params)
+    g = protocols.tree_bytes((one.g_params, one.g_state))
+    d = protocols.tree_bytes((one.d_params, one.d_state))
     if mix_optimizer:
         g, d = g + protocols.tree_bytes(one.g_opt), d + protocols.tree_bytes(one.d_opt)
     return g, d
@@ -118,8 +118,9 @@ def exchange(
         g_opt, d_opt = mix(g_mix, g_opt), mix(d_mix, d_opt)
     mixed = GanState(
         g_params=mix(g_mix, state.g_params),
-        g_stats=mix(g_mix, state.g_stats),
+        g_state=mix(g_mix, state.g_state),
         d_params=mix(d_mix, state.d_params),
+        d_state=mix(d_mix, state.d_state),
         g_opt=g_opt,
         d_opt=d_opt,
     )
