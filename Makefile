@@ -26,10 +26,10 @@ test-all: install  ## every test, slow ones included
 	$(BIN)/python -m pytest
 
 lint:
-	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks
 
 bench:  ## replica-steps per second of the compiled round against a naive loop
-	$(BIN)/python -m ggans.bench
+	$(BIN)/python benchmarks/bench.py
 
 classifier:  ## retrain the shipped MNIST classifier used by the MS and FID scores
 	$(BIN)/python -m ggans.classifier --data-dir $(GGANS_DATA_DIR)

@@ -64,7 +64,7 @@ def run_job(job: dict, timeout: float) -> dict:
         cmd += ["--mode", "loop", "--n", str(job["n"]), "--loss", loss]
         cmd += ["--repeats", "2", "--min-time", "3"]
         return {**job, **_run(cmd, timeout)}
-    cmd = [sys.executable, "-m", "ggans.bench", "--one", json.dumps(job)]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--one", json.dumps(job)]
     return {**job, **_run(cmd, timeout)}
 
 

@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-from ggans import bench
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench  # noqa: E402  (benchmarks/bench.py)
 
 
 @pytest.mark.slow

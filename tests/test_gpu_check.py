@@ -17,7 +17,8 @@ def test_bench_and_runs_import_without_hydra_wandb_or_tfds():
 import sys
 for m in ("hydra", "omegaconf", "wandb", "tensorflow_datasets"):
     sys.modules[m] = None  # importing them now raises ImportError
-import ggans.bench, ggans.config, ggans.run, ggans.evaluation
+sys.path.insert(0, "benchmarks")
+import bench, ggans.config, ggans.run, ggans.evaluation
 print("OK")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

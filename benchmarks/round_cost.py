@@ -4,7 +4,7 @@ Rounds of two lengths (``--short`` and ``--long`` local steps, chunks of one mac
 alternately in one process, so that both see the same machine; the difference of their median
 times gives the cost of a step, and what is left of the short round the fixed cost per round.
 
-    PYTHONPATH=src python scripts/round_cost.py --loss nonsat --n 100 --short 4 --long 8
+    PYTHONPATH=src python benchmarks/round_cost.py --loss nonsat --n 100 --short 4 --long 8
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import statistics
 
 import jax
+from bench import _synthetic, timed_round
 
-from ggans.bench import _synthetic, timed_round
 from ggans.gan import GanSpec
 from ggans.replicas import init_replicas
 from ggans.training import RoundSpec, make_round

@@ -1,12 +1,12 @@
 """Where a compiled round spends its time on XLA's CPU backend, op by op.
 
 Traces one round of K = ``--steps`` local steps of N stacked replicas plus the gossip exchange
-(``ggans.training``'s compiled round, on ``ggans.bench``'s synthetic shards) with
+(``ggans.training``'s compiled round, on ``benchmarks/bench.py``'s synthetic shards) with
 ``jax.profiler`` (a Perfetto trace, no TensorBoard needed), matches every traced op to the
 compiled HLO, and prints the self time of each kind of op (batched dense dots, per-replica
 convolutions, everything else) and the slowest ops with their shapes and GFLOP/s.
 
-    PYTHONPATH=src python scripts/profile_step.py [--n 10] [--loss wgan_gp] [--arch paper]
+    PYTHONPATH=src python benchmarks/profile_step.py [--n 10] [--loss wgan_gp] [--arch paper]
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+from bench import _synthetic, timed_round
 
-from ggans.bench import _synthetic, timed_round
 from ggans.gan import GanSpec
 from ggans.replicas import init_replicas
 from ggans.training import RoundSpec, compiled_round, make_round

@@ -8,7 +8,7 @@ Times (ms, best of --repeats after warm-up) of jitted
     WGAN-GP step (D and G gradients, no optimiser);
 for a single replica and vmapped over N stacked replicas (``--n``).
 
-  PYTHONPATH=src python scripts/layer_bench.py [--n 10] [--repeats 5] [--only layers|models]
+  PYTHONPATH=src python benchmarks/layer_bench.py [--n 10] [--repeats 5] [--only layers|models]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m ggans.bench``: replica-steps per second of the compiled round, against the
+"""``python benchmarks/bench.py``: replica-steps per second of the compiled round, against the
 naive alternative (a Python loop over per-replica jitted steps with plain Flax layers).
 
 Each configuration runs in its own subprocess, so its compile time and peak memory are its
@@ -8,8 +8,9 @@ accelerator), the share of the float32 matmul peak measured in the same process,
 naive loop's rate with the ratio. Also: the cost of the exchange (dense and gather mixing)
 and of one evaluation (1,000 samples per machine), next to a K = 200 round.
 
-Needs only jax, flax, optax and numpy (``PYTHONPATH=src python -m ggans.bench`` works
-without Hydra, W&B or tfds). Synthetic data; no downloads. Not a test: nothing is asserted.
+Needs only jax, flax, optax, numpy and an importable ggans (installed, or
+``PYTHONPATH=src``): no Hydra, W&B or tfds. Synthetic data; no downloads. Not a test:
+nothing is asserted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 FLOPS_PAPER = {"wgan_gp": 16758734848, "nonsat": 12583763968}  # per replica-step, yardstick's
 
@@ -278,7 +280,7 @@ def run_one(job: dict) -> dict:
 
 
 def _spawn(job: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "ggans.bench", "--one", json.dumps(job)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(job)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
