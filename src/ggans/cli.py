@@ -233,13 +233,14 @@ def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ggans.run import prepare
+    from ggans.run import Interrupted, prepare
+    from ggans.runfolder import FolderBusy
     from ggans.tracking import make_loggers
 
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     made = Path(HydraConfig.get().runtime.output_dir)
-    fresh = not any(p.name != ".hydra" and p.suffix != ".log" for p in made.iterdir())
+    fresh = _only_hydras(made)
     out = made
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
@@ -267,9 +268,21 @@ def _task(cfg: DictConfig) -> None:
             if k in summary["final"]
         )
         log.info("%s: done%s; outputs in %s", run_cfg.name, f" {scores}" if scores else "", out)
-    except GGansError as err:
+    except Interrupted as err:  # the round's records and checkpoint are saved
+        print(f"ggans: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print(
+            f"ggans: interrupted; run the same command (hydra.run.dir={out}) to resume from the "
+            "last checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except (GGansError, OSError) as err:
+        if isinstance(err, OSError):  # an unwritable folder, a full disk, a failed read
+            err = GGansError(f"{err.filename or out}: {err.strerror or err}")
         print(f"ggans: error: {err}", file=sys.stderr)
-        if fresh and out == made:
+        if fresh and out == made and not isinstance(err, FolderBusy) and _only_hydras(made):
             _remove_refused(made)
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # the other jobs go on
             FAILED.append(made.name)
@@ -278,6 +291,11 @@ def _task(cfg: DictConfig) -> None:
     finally:
         if fresh and out != made:
             _remove_refused(made)
+
+
+def _only_hydras(folder: Path) -> bool:
+    """Whether ``folder`` holds only what Hydra (and a released lock) put there."""
+    return all(p.name in (".hydra", ".lock") or p.suffix == ".log" for p in folder.iterdir())
 
 
 def _remove_refused(folder: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,7 +57,7 @@ def _read_payload(folder: Path, stem: str, what: str = "MNIST") -> bytes:
             try:
                 raw = path.read_bytes()
                 return gzip.decompress(raw) if name.endswith(".gz") else raw
-            except (OSError, EOFError, gzip.BadGzipFile) as err:
+            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
                 raise DataError(f"data.dir: cannot read {path}: {err}") from None
     raise DataError(f"data.dir: missing {what} file {folder / stem}[.gz] (need the four IDX files)")
 

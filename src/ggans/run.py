@@ -8,9 +8,12 @@ the summary. The folder's files are :mod:`ggans.runfolder`'s.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -28,7 +31,7 @@ from ggans.errors import GGansError
 from ggans.gan import GanState
 from ggans.progress import log_through, progress_bar
 from ggans.replicas import init_replicas, replicas_shape
-from ggans.runfolder import RunFolder, describe
+from ggans.runfolder import NULL_MEANS, RunFolder, describe
 from ggans.sharding import replica_sharding, replicated
 from ggans.training import RoundInfo, RoundSpec, Shards, iterate_rounds, lower_round
 
@@ -82,11 +85,21 @@ Evaluator = Callable[[Any, jax.Array, int], dict]
 
 
 def prepare(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str = "auto", mnist=None) -> Run:
-    """Check the folder, the data and the memory, and build (or restore) the state and the
-    round; nothing is written, so a refused run leaves no trace. ``resume``: ``"auto"``
-    continues from the folder's latest checkpoint when there is one, ``True`` requires one,
-    ``False`` refuses a used folder. ``mnist``: the dataset's images, when already loaded."""
+    """Lock the folder, check it, the data and the memory, and build (or restore) the state
+    and the round. Nothing else is written, and a refused run leaves no trace (a folder it
+    made is removed). ``resume``: ``"auto"`` continues from the folder's latest checkpoint when
+    there is one, ``True`` requires one, ``False`` refuses a used folder. ``mnist``: the
+    dataset's images, when already loaded."""
     folder = RunFolder(out_dir, cfg)
+    folder.lock()
+    try:
+        return _prepare(cfg, folder, resume, mnist)
+    except BaseException:
+        folder.abandon()
+        raise
+
+
+def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist) -> Run:
     done = folder.check(resume)
     summary = folder.summary()
     if done is not None and done >= cfg.rounds and summary is not None:
@@ -135,6 +148,7 @@ class Run:
         """Train the remaining rounds; return the summary (a finished run is not redone)."""
         cfg = self.cfg
         if self.finished is not None:
+            self.folder.close()
             log.info("%s: already finished; outputs in %s", cfg.name, self.folder.path)
             return self.finished
         self.folder.begin()
@@ -188,16 +202,20 @@ class Run:
         )
         bar = progress_bar(cfg.rounds, initial=self.start, enabled=progress, desc=cfg.name)
         try:
-            with log_through(bar):
+            with log_through(bar), stop_on_signals() as stop:
                 for r, state, info in rounds:
                     self.state = state
                     row = self.record(r, info)
                     bar.set_postfix(_postfix(row), refresh=False)
                     bar.update(1)
+                    if stop.signum and r + 1 < cfg.rounds:
+                        self.folder.checkpoint(r + 1, False, self.state, self._meta(), True)
+                        raise Interrupted(stop.signum, r + 1, self.folder.path)
+            bar.close()
+            return self.finish()
         finally:
             bar.close()
             self.folder.close()
-        return self.finish()
 
     def _evaluator(self, evaluator: Evaluator | str | None) -> Evaluator | None:
         if evaluator != "auto":
@@ -226,14 +244,17 @@ class Run:
             row.update(self.evaluator(self.state, jax.random.fold_in(self.eval_key, r), r))
         row["wall_time"] = time.perf_counter() - self.t0
         bad = row["nonfinite_replicas"]
+        new = [i for i in bad if not self.excluded[i]]
         self.excluded[bad] = True
         row["excluded_replicas"] = np.flatnonzero(self.excluded).tolist()
         self.folder.record(row)
         for logger in self.loggers:
             logger.log(row)
         self.last = row
-        meta = {"cum": self.cum, "excluded": self.excluded}
-        self.folder.checkpoint(r + 1, is_last, self.state, meta)
+        if is_last and getattr(self.evaluator, "last_grid", None) is not None:
+            grid = self.evaluator.last_grid  # final.png before the last checkpoint: a resumed
+            shutil.copyfile(grid, grid.with_name("final.png"))  # run finds it there
+        self.folder.checkpoint(r + 1, is_last, self.state, self._meta())
         log.info(
             "round %d/%d iteration %d %s",
             r + 1,
@@ -241,21 +262,27 @@ class Run:
             row["iteration"],
             " ".join(f"{k}={v}" for k, v in _postfix(row).items()),
         )
-        if bad:
-            msg = f"round {r + 1}: machine(s) {bad} have non-finite losses or parameters"
-            if cfg.on_nan == "stop" or self.excluded.all():
+        if new:
+            msg = f"round {r + 1}: machine(s) {new} have non-finite losses or parameters"
+            if cfg.on_nan == "stop":
                 raise GGansError(f"{msg}; stopping (on_nan=skip would leave them out)")
+            if self.excluded.all():
+                raise GGansError(f"{msg}; every machine has now failed, stopping")
             log.warning("%s; left out of every exchange from now on (on_nan=skip)", msg)
         return row
 
+    def _meta(self) -> dict[str, Any]:
+        return {"cum": self.cum, "excluded": self.excluded}
+
     def finish(self) -> dict[str, Any]:
-        """The final sample grid and summary.json; the loggers' last word."""
+        """summary.json, and the loggers' last word. Idempotent: a run resumed after its last
+        round was recorded (killed before finishing) finishes the same way."""
         cfg = self.cfg
-        grid = getattr(self.evaluator, "last_grid", None)
-        if grid is not None:
-            shutil.copyfile(grid, grid.with_name("final.png"))
-        wall = time.perf_counter() - self.t0
-        trained = cfg.nodes * (cfg.iterations - self.start * cfg.local_steps)
+        wall = self.last.get("wall_time", time.perf_counter() - self.t0)
+        final = {k: v for k, v in self.last.items() if k not in ("round", "iteration", "wall_time")}
+        excluded = np.flatnonzero(self.excluded).tolist()
+        if excluded:  # means over the machines still training
+            final.update(_means_over(final, ~self.excluded))
         summary = {
             "name": cfg.name,
             "rounds": cfg.rounds,
@@ -268,15 +295,68 @@ class Run:
             "impl": impls.resolve(cfg.model.impl),
             "precision": cfg.model.precision,
             "wall_time": wall,
-            "replica_steps_per_s": trained / max(wall - self.offset, 1e-9),
-            "final": {
-                k: v for k, v in self.last.items() if k not in ("round", "iteration", "wall_time")
-            },
+            # every recorded round, across resumes: wall_time is cumulative
+            "replica_steps_per_s": cfg.nodes * cfg.iterations / max(wall, 1e-9),
+            "excluded_replicas": excluded,
+            "final": final,
         }
+        if excluded:
+            summary["means_over"] = "the machines not excluded; " + NULL_MEANS
         summary = self.folder.finish(summary)
         for logger in self.loggers:
             logger.finish(summary)
         return summary
+
+
+def _means_over(row: dict[str, Any], keep: np.ndarray) -> dict[str, float]:
+    """``<key>_mean`` and ``_std`` of every per-machine list in ``row``, over ``keep``."""
+    out = {}
+    for key, values in row.items():
+        if isinstance(values, list | np.ndarray) and len(values) == len(keep):
+            if f"{key}_mean" not in row:
+                continue
+            v = np.asarray([np.nan if x is None else x for x in values], np.float64)[keep]
+            out[f"{key}_mean"], out[f"{key}_std"] = float(v.mean()), float(v.std())
+    return out
+
+
+class Interrupted(GGansError):
+    """A run stopped by SIGINT or SIGTERM after recording (and checkpointing) a round."""
+
+    def __init__(self, signum: int, rounds: int, folder: Path) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name}: stopped after round {rounds}, its checkpoint saved; run the same command "
+            f"(hydra.run.dir={folder}) to resume"
+        )
+        self.exit_code = 128 + signum
+
+
+class _Stop:
+    signum: int = 0
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM ask the run to stop after the round in progress (a second SIGINT
+    stops at once); the old handlers come back afterwards. In the main thread only."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        log.warning("%s: stopping after the round in progress", signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run(

@@ -11,8 +11,12 @@ round counter and the cumulative traffic; keys need no saving, since round r's r
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,44 +30,77 @@ from ggans.gan import GanState
 
 
 def _plain(x: Any) -> Any:
+    """JSON-ready: arrays as lists, and non-finite floats as ``null`` (strict JSON; the rows
+    and the summary say so once, in ``NULL_MEANS``)."""
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
         return [_plain(v) for v in x]
     if isinstance(x, np.ndarray | np.generic):
-        return x.tolist()
+        return _plain(x.tolist())
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
     return x
 
 
+NULL_MEANS = "null: a non-finite value (a machine whose losses or parameters diverged)"
+log = logging.getLogger("ggans")
+
+
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    """Append one JSON row as one line, in one write, flushed to disk."""
-    line = (json.dumps(_plain(row), allow_nan=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append one JSON row as one line, flushed to disk. Every byte is checked written: a
+    failed or short write is undone (the file cut back to its rows before) and stops the run
+    with one line."""
+    line = (json.dumps(_plain(row), allow_nan=False) + "\n").encode()
     try:
-        os.write(fd, line)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise GGansError(f"{path}: cannot open for writing ({err.strerror})") from None
+    start = os.fstat(fd).st_size
+    try:
+        done = 0
+        while done < len(line):
+            n = os.write(fd, line[done:])
+            if n <= 0:
+                raise OSError(28, "no space left on device")
+            done += n
         os.fsync(fd)
+    except OSError as err:
+        os.ftruncate(fd, start)
+        raise GGansError(
+            f"{path}: cannot write a row ({err.strerror}); the rows before it are kept"
+        ) from None
     finally:
         os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """Rows of a jsonl file, without a truncated last line (removed from disk if ``repair``)."""
+    """The rows of a jsonl file. A partial last line (a write cut short) is dropped, and cut
+    from the file if ``repair``; a damaged line before it is skipped, its rows after kept, and
+    (if ``repair``) moved to ``<file>.corrupt`` with one warning."""
     path = Path(path)
     if not path.exists():
         return []
     raw = path.read_bytes()
-    rows, good = [], 0
-    for line in raw.splitlines(keepends=True):
+    lines = raw.splitlines(keepends=True)
+    rows, good, bad = [], [], []
+    for i, line in enumerate(lines):
         try:
             if not line.endswith(b"\n"):
                 raise ValueError("truncated")
             rows.append(json.loads(line))
+            good.append(line)
         except ValueError:
-            break
-        good += len(line)
-    if repair and good < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good)
+            if i < len(lines) - 1:
+                bad.append(line)
+    if repair and len(good) < len(lines):
+        if bad:
+            with open(path.with_name(path.name + ".corrupt"), "ab") as f:
+                f.writelines(bad)
+            log.warning("%s: %d damaged line(s) moved to %s.corrupt", path, len(bad), path.name)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(good))
+        os.replace(tmp, path)
     return rows
 
 
@@ -71,8 +108,12 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
     """Write a JSON file atomically (write a temporary file, then rename)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_plain(obj), indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise GGansError(f"{path}: cannot write ({err.strerror})") from None
 
 
 def describe(name: str, values: np.ndarray, extremes: bool = False) -> dict[str, Any]:
@@ -146,8 +187,47 @@ class Resumed:
     rows: list[dict]
 
 
+class FolderBusy(GGansError):
+    """Another live run holds the folder's lock."""
+
+
+class FolderLock:
+    """An OS lock (``flock``) on ``<folder>/.lock``, held for a run's life: a second run into
+    the folder stops at once, naming the holder's PID. The OS drops the lock when its process
+    dies, so a dead run's lock is simply taken over."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise GGansError(f"{self.path.parent}: cannot write there ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FolderBusy(
+                f"{self.path.parent}: another run (pid {holder}) is using this folder; wait for "
+                "it to end, or choose another folder (hydra.run.dir=...)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 class RunFolder:
-    """One run's folder: checks before anything is written, then records as the run goes."""
+    """One run's folder: locked, checked before anything else is written, then records as
+    the run goes."""
 
     def __init__(self, path: str | Path, cfg: RunConfig) -> None:
         self.path = Path(path)
@@ -155,6 +235,24 @@ class RunFolder:
         self.metrics = self.path / "metrics.jsonl"
         self.settings = {k: v for k, v in flat(cfg).items() if k not in OPERATIONAL}
         self._ckpt: Checkpointer | None = None
+        self._lock = FolderLock(self.path)
+        self.created = False  # whether this run made the folder (a refused run removes it)
+
+    def lock(self) -> None:
+        """Take the folder's lock (making the folder if need be)."""
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise GGansError(f"{self.path}: cannot make the run folder ({err.strerror})") from None
+        self._lock.acquire()
+
+    def abandon(self) -> None:
+        """After a refusal: release the lock; remove the folder if this run made it and it
+        holds nothing else."""
+        self.close()
+        if self.created and {p.name for p in self.path.iterdir()} <= {".lock"}:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     @property
     def checkpoints(self) -> Checkpointer:
@@ -175,6 +273,11 @@ class RunFolder:
         done = self.done_rounds()
         if done is None and resume is True:
             raise GGansError(f"resume=true: no checkpoint in {self.path / 'checkpoints'}")
+        if done is None and resume is not False and read_jsonl(self.metrics):
+            raise GGansError(
+                f"{self.metrics}: holds rows of a run with no checkpoint to resume from; "
+                "resume=false starts afresh (the rows are kept aside), or use another folder"
+            )
         if done is not None and resume is False:
             raise GGansError(
                 f"resume=false: {self.path} already holds a run (checkpoint after round "
@@ -196,18 +299,22 @@ class RunFolder:
         return done
 
     def begin(self) -> None:
-        """Write the settings, and drop rows of a run that never reached a checkpoint."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path / "run_config.json").exists():
-            write_json(self.path / "run_config.json", self.settings)
-        if self.done_rounds() is None:
-            self.metrics.unlink(missing_ok=True)
+        """Write the settings; rows of a run that never reached a checkpoint (only with
+        ``resume=false``) are moved aside to ``metrics.jsonl.<time>``, never deleted."""
+        write_json(self.path / "run_config.json", self.settings)
+        if self.done_rounds() is None and self.metrics.exists():
+            aside = self.metrics.with_name(f"metrics.jsonl.{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.metrics, aside)
+            log.warning("%s: earlier rows with no checkpoint kept in %s", self.path, aside.name)
 
     def restore(self, like: GanState) -> Resumed:
         """The latest checkpoint, and metrics.jsonl cut back to its round."""
         start, state, meta = self.checkpoints.restore(like)
         cum = {k: np.asarray(v) if isinstance(v, list) else v for k, v in meta["cum"].items()}
         rows = [r for r in read_jsonl(self.metrics, repair=True) if r["round"] <= start]
+        missing = sorted(set(range(1, start + 1)) - {r["round"] for r in rows})
+        if missing:
+            log.warning("%s: no row for round(s) %s (damaged or lost)", self.metrics, missing)
         _rewrite_jsonl(self.metrics, rows)
         return Resumed(start, state, cum, np.asarray(meta["excluded"], bool), rows)
 
@@ -218,9 +325,17 @@ class RunFolder:
     def record(self, row: dict[str, Any]) -> None:
         append_jsonl(self.metrics, row)
 
-    def checkpoint(self, rounds_done: int, last: bool, state: GanState, meta: dict) -> None:
-        if self.checkpoints.due(rounds_done, last):
-            self.checkpoints.save(rounds_done, state, meta)
+    def checkpoint(
+        self, rounds_done: int, last: bool, state: GanState, meta: dict, force: bool = False
+    ) -> None:
+        if force or self.checkpoints.due(rounds_done, last):
+            try:
+                self.checkpoints.save(rounds_done, state, meta)
+            except (OSError, ValueError, RuntimeError) as err:  # orbax wraps full disks so
+                raise GGansError(
+                    f"{self.path / 'checkpoints'}: cannot write the checkpoint of round "
+                    f"{rounds_done} ({type(err).__name__}: {err}); the one before is kept"
+                ) from None
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Write summary.json; return it as saved (plain lists)."""
@@ -230,6 +345,8 @@ class RunFolder:
     def close(self) -> None:
         if self._ckpt is not None:
             self._ckpt.close()
+            self._ckpt = None
+        self._lock.release()
 
 
 def _rewrite_jsonl(path: Path, rows: list[dict]) -> None:
