@@ -116,3 +116,12 @@ def status_under(monkeypatch, patch):
 
 def onednn_off(m) -> None:
     m.setenv("GGANS_ONEDNN", "0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: each compiled round holds about
+    2,000 memory mappings on XLA's CPU backend, and past the kernel's 65,530 a compile
+    segfaults (it did, late in full sessions, before this)."""
+    yield
+    jax.clear_caches()

@@ -130,7 +130,9 @@ class _SignalAfter:
         pass
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+)
 def test_a_signal_stops_after_the_round_with_its_checkpoint_and_resumes_exactly(
     signum, mnist, whole, tmp_path
 ):
@@ -206,3 +208,43 @@ def test_on_nan_skip_warns_once_and_writes_strict_json(mnist, tmp_path, monkeypa
     assert np.isfinite(saved["final"]["g_loss_mean"])
     assert saved["final"]["g_loss_mean"] == pytest.approx(np.mean(rows[-1]["g_loss"][1:]))
     assert "null: a non-finite value" in saved["means_over"]
+
+
+@pytest.mark.parametrize(
+    "damage", ["flipped bytes", pytest.param("a missing file", marks=pytest.mark.slow)]
+)
+def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumes(
+    damage, mnist, whole, tmp_path, caplog
+):
+    shutil.copytree(whole, tmp_path / "run")
+    (tmp_path / "run" / "summary.json").unlink()
+    latest = tmp_path / "run" / "checkpoints" / "3"
+    files = sorted((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest = files[-1]
+    if damage == "flipped bytes":
+        raw = bytearray(biggest.read_bytes())
+        mid = len(raw) // 2
+        raw[mid : mid + 16] = bytes(b ^ 0x5A for b in raw[mid : mid + 16])
+        biggest.write_bytes(bytes(raw))
+    else:
+        biggest.unlink()
+    with caplog.at_level(logging.WARNING, logger="ggans"):
+        run(cfg(), tmp_path / "run", mnist=mnist, progress=False)
+    assert "checkpoint of round 3 is damaged" in caplog.text
+    assert [p.name.split(".")[0] for p in (tmp_path / "run" / "checkpoints").glob("3.corrupt-*")]
+    assert rows_without_time(tmp_path / "run" / "metrics.jsonl") == rows_without_time(
+        whole / "metrics.jsonl"
+    )
+
+
+def test_no_whole_checkpoint_is_one_line_and_deletes_nothing(mnist, whole, tmp_path):
+    shutil.copytree(whole, tmp_path / "run")
+    (tmp_path / "run" / "summary.json").unlink()
+    for step in (tmp_path / "run" / "checkpoints").iterdir():
+        for f in step.rglob("*"):
+            if f.is_file() and f.stat().st_size > 1000:
+                f.write_bytes(b"\0" * f.stat().st_size)
+    with pytest.raises(GGansError, match="no whole checkpoint left"):
+        run(cfg(), tmp_path / "run", mnist=mnist, progress=False)
+    assert len(list((tmp_path / "run" / "checkpoints").glob("*.corrupt-*"))) == 2
+    assert [r["round"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]

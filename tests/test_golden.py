@@ -53,7 +53,10 @@ def assert_rows_close(got, want, rtol: float = 1e-4) -> None:
                 assert g[key] == value, (w["round"], key)
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(
+    "protocol",
+    [pytest.param(p, marks=() if p == "gossip_ind" else pytest.mark.slow) for p in PROTOCOLS],
+)
 def test_tiny_run_gives_the_recorded_rows(protocol, mnist, tmp_path):
     run(from_dict(golden_settings(protocol)), tmp_path, mnist=mnist, progress=False)
     got = rows(tmp_path / "metrics.jsonl")

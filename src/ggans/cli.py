@@ -291,6 +291,16 @@ def _task(cfg: DictConfig) -> None:
     finally:
         if fresh and out != made:
             _remove_refused(made)
+        _release_compiled_programs()
+
+
+def _release_compiled_programs() -> None:
+    """Drop the job's compiled programs: on XLA's CPU backend each compiled round holds about
+    2,000 memory mappings, and a process past the kernel's limit (65,530) segfaults in the next
+    compile; a multirun's jobs share one process with the basic launcher."""
+    import jax
+
+    jax.clear_caches()
 
 
 def _only_hydras(folder: Path) -> bool:

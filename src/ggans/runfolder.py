@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +126,25 @@ def describe(name: str, values: np.ndarray, extremes: bool = False) -> dict[str,
     return row
 
 
+def checksums(state: GanState) -> list[int]:
+    """One CRC-32 per leaf of the state's bytes, a leaf on the host at a time."""
+    return [zlib.crc32(np.asarray(jax.device_get(x)).tobytes()) for x in jax.tree.leaves(state)]
+
+
 class Checkpointer:
-    """Saves every ``every`` rounds (and when asked), keeps the last two, restores the latest."""
+    """Saves every ``every`` rounds (and when asked), keeps the last two, and restores the
+    newest that is whole: each checkpoint carries a CRC-32 per array, checked on restore; one
+    that cannot be read or fails the check is set aside (renamed ``<round>.corrupt-<time>``,
+    never deleted) with one warning, and the one before it is tried."""
 
     def __init__(self, directory: str | Path, every: int = 1) -> None:
         self.every = every
+        self.directory = Path(directory).absolute()
+        self._open()
+
+    def _open(self) -> None:
         options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_round(self) -> int | None:
         """Rounds completed by the latest checkpoint, or None."""
@@ -142,25 +155,49 @@ class Checkpointer:
 
     def save(self, rounds_done: int, state: GanState, meta: dict[str, Any]) -> None:
         """Save after ``rounds_done`` rounds; ``meta`` is JSON (cumulative traffic, ...)."""
+        meta = dict(_plain(meta), checksums=checksums(state))
         self.manager.save(
             rounds_done,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_plain(meta))
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
         )
         self.manager.wait_until_finished()
 
     def restore(self, like: GanState) -> tuple[int, GanState, dict[str, Any]]:
-        """The latest checkpoint, restored with the shapes, dtypes and shardings of ``like``."""
-        step = self.manager.latest_step()
+        """The newest whole checkpoint, restored with the shapes, dtypes and shardings of
+        ``like``; a GGansError when none is."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
+        while (step := self.manager.latest_step()) is not None:
+            try:
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
+                meta = dict(out["meta"])
+                saved = meta.pop("checksums", None)  # absent in folders written before them
+                if saved is not None and saved != checksums(out["state"]):
+                    raise ValueError("its arrays differ from their checksums")
+                return step, out["state"], meta
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside
+                aside = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+                self.manager.close()
+                os.replace(self.directory / str(step), aside)
+                self._open()
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                log.warning(
+                    "checkpoint of round %d is damaged (%s: %s); set aside as %s",
+                    step,
+                    type(err).__name__,
+                    reason,
+                    aside.name,
+                )
+        raise GGansError(
+            f"{self.directory}: no whole checkpoint left (damaged ones set aside as "
+            "<round>.corrupt-*); resume=false starts afresh in another folder"
         )
-        return step, out["state"], dict(out["meta"])
 
     def close(self) -> None:
         self.manager.close()
