@@ -77,12 +77,17 @@ def bench_layers(n, repeats):
                 def f(p, x, ct, m=m):
                     return jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * ct), argnums=(0, 1))(p, x)
 
-                if nv > 1:
-                    p = jax.tree.map(lambda a, nv=nv: jnp.stack([a] * nv), p)
-                    x, ct = jnp.stack([x] * nv), jnp.stack([ct] * nv)
-                    f = jax.vmap(f)
-                row.append(timeit(jax.jit(f), p, x, ct, repeats=repeats))
+                row.append(_time_grad(f, p, x, ct, nv, repeats))
         print(f"| {name} | " + " | ".join(f"{t:.2f}" for t in row) + " |")
+
+
+def _time_grad(f, p, x, ct, nv, repeats):
+    """ms of the jitted gradient ``f(p, x, ct)``, vmapped over ``nv`` stacked copies if > 1."""
+    if nv > 1:
+        p = jax.tree.map(lambda a: jnp.stack([a] * nv), p)
+        x, ct = jnp.stack([x] * nv), jnp.stack([ct] * nv)
+        f = jax.vmap(f)
+    return timeit(jax.jit(f), p, x, ct, repeats=repeats)
 
 
 def bench_other_layers(n, repeats):
@@ -126,11 +131,7 @@ def bench_other_layers(n, repeats):
 
                 return jax.grad(loss, argnums=(0, 1))(p, x)
 
-            if nv > 1:
-                p = jax.tree.map(lambda a, nv=nv: jnp.stack([a] * nv), p)
-                x, ct = jnp.stack([x] * nv), jnp.stack([ct] * nv)
-                f = jax.vmap(f)
-            row.append(timeit(jax.jit(f), p, x, ct, repeats=repeats))
+            row.append(_time_grad(f, p, x, ct, nv, repeats))
         print(f"| {name} | " + " | ".join(f"{t:.2f}" for t in row) + " |")
 
 

@@ -47,6 +47,25 @@ def mnist(mnist_dir):
     return load_mnist(mnist_dir)
 
 
+def tiny_run_config(**overrides):
+    """A RunConfig of a few seconds: two machines of the tiny model, federated, two rounds of
+    two steps on 1% of MNIST, no scores, no checkpoints before the end."""
+    from ggans.config import CheckpointConfig, DataConfig, EvalConfig, ProtocolConfig, RunConfig
+    from ggans.gan import GanSpec
+
+    base = dict(
+        nodes=2,
+        protocol=ProtocolConfig("federated"),
+        local_steps=2,
+        iterations=4,
+        model=GanSpec(arch="tiny", noise_dim=16, batch_size=8),
+        data=DataConfig(fraction=0.01),
+        eval=EvalConfig(every=0),
+        checkpoint=CheckpointConfig(0),
+    )
+    return RunConfig(**{**base, **overrides})
+
+
 def synthetic_shards(n: int, images: int = 64, seed: int = 0):
     """Random uint8 images split evenly over n machines (no MNIST needed)."""
     from ggans.training import Shards

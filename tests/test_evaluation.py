@@ -6,7 +6,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ggans.config import CheckpointConfig, DataConfig, EvalConfig, ProtocolConfig, RunConfig
+from conftest import tiny_run_config
+from ggans.config import EvalConfig, ProtocolConfig
 from ggans.evaluation import sample_population
 from ggans.gan import GanSpec, generate
 from ggans.replicas import init_replicas, take
@@ -29,15 +30,11 @@ def test_population_sampling_matches_each_generator():
 
 
 def test_run_scores_every_machine_each_round(mnist, tmp_path):
-    cfg = RunConfig(
+    cfg = tiny_run_config(
         nodes=3,
         protocol=ProtocolConfig("gossip"),
-        local_steps=2,
-        iterations=4,
         model=TINY,
-        data=DataConfig(fraction=0.01),
         eval=EvalConfig(every=1, samples=64, grid_replicas=2),
-        checkpoint=CheckpointConfig(0),
     )
     summary = run(cfg, tmp_path, mnist=mnist, progress=False)
     rows = read_jsonl(tmp_path / "metrics.jsonl")

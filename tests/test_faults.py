@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ggans
+from conftest import ggans, tiny_run_config
 from ggans import run as run_mod
-from ggans.config import CheckpointConfig, DataConfig, EvalConfig, ProtocolConfig, RunConfig
+from ggans.config import CheckpointConfig, RunConfig
 from ggans.errors import DataError, GGansError
 from ggans.gan import GanSpec
 from ggans.run import Interrupted, prepare, run
@@ -28,17 +28,9 @@ TINY = GanSpec(arch="tiny", noise_dim=16, batch_size=8, impl="patches")
 
 
 def cfg(**kw) -> RunConfig:
-    base = dict(
-        nodes=2,
-        protocol=ProtocolConfig("federated"),
-        local_steps=2,
-        iterations=6,
-        model=TINY,
-        data=DataConfig(fraction=0.01),
-        eval=EvalConfig(every=0),
-        checkpoint=CheckpointConfig(1),
+    return tiny_run_config(
+        **{"iterations": 6, "model": TINY, "checkpoint": CheckpointConfig(1), **kw}
     )
-    return RunConfig(**{**base, **kw})
 
 
 def rows_without_time(path):

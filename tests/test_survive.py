@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, synthetic_shards
-from ggans.config import CheckpointConfig, DataConfig, EvalConfig, ProtocolConfig, RunConfig
+from conftest import ROOT, synthetic_shards, tiny_run_config
 from ggans.errors import GGansError
 from ggans.gan import GanSpec
 from ggans.protocols import Faults
@@ -84,18 +83,7 @@ def test_killed_run_resumes_to_the_same_result(mnist_dir, tmp_path):
 
 
 def small_cfg(**kw):
-    base = dict(
-        nodes=2,
-        protocol=ProtocolConfig("federated"),
-        local_steps=2,
-        iterations=4,
-        model=TINY,
-        data=DataConfig(fraction=0.01),
-        eval=EvalConfig(every=0),
-        checkpoint=CheckpointConfig(0),
-    )
-    base.update(kw)
-    return RunConfig(**base)
+    return tiny_run_config(**{"model": TINY, **kw})
 
 
 def test_same_config_and_seed_give_identical_metrics(mnist, tmp_path):
