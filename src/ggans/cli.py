@@ -90,21 +90,13 @@ ConfigStore.instance().store(name="ggans_schema", node=mutable(CliConfig))
 OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
 
 
-def _flat_keys(cls: type, prefix: str = "") -> set[str]:
-    keys: set[str] = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("derived"):
-            continue
-        keys.add(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys |= _flat_keys(hints[f.name], f"{prefix}{f.name}.")
-    return keys
-
-
 def known_keys(conf: Path) -> set[str]:
-    """Every key an override may name: the schema's, and the logger group's."""
-    keys = _flat_keys(CliConfig) | set(GROUPS)
+    """Every key an override may name: the schema's (its settings and the sections holding
+    them), and the logger group's."""
+    from ggans.config import flat
+
+    settings = set(flat(CliConfig()))
+    keys = settings | {k.rsplit(".", 1)[0] for k in settings if "." in k} | set(GROUPS)
     for f in (conf / "logger").glob("*.yaml"):
         body = OmegaConf.to_container(OmegaConf.load(f), resolve=False) or {}
         keys |= {f"logger.{k}" for k in body if k != "defaults"}

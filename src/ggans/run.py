@@ -84,6 +84,12 @@ def round_row(r: int, cfg: RunConfig, wall: float, info: RoundInfo, cum: dict) -
 Evaluator = Callable[[Any, jax.Array, int], dict]
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """The training and the scoring keys of a run (the state's is ``key(seed)`` itself)."""
+    root = jax.random.key(seed)
+    return jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+
+
 def prepare(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str = "auto", mnist=None) -> Run:
     """Lock the folder, check it, the data and the memory, and build (or restore) the state
     and the round. Nothing else is written, and a refused run leaves no trace (a folder it
@@ -119,7 +125,7 @@ def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist) -> Ru
             jax.device_put(shards.index, sharding),
             jax.device_put(shards.size, sharding),
         )
-    train_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    train_key = run_keys(cfg.seed)[0]
     spec = dataclasses.replace(cfg.round_spec, sharding=sharding)
     spec = memory.fit_round(spec, partial(lower_round, state, shards, train_key), cfg.nodes)
     return Run(cfg, folder, mnist, shards, state, spec, resumed=done)
@@ -189,8 +195,7 @@ class Run:
             cfg.model.precision,
             self.spec.chunk or cfg.nodes,
         )
-        train_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-        self.eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+        train_key, self.eval_key = run_keys(cfg.seed)
         rounds = iterate_rounds(
             self.spec,
             self.state,
