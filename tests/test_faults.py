@@ -11,12 +11,14 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ggans, tiny_run_config
+from conftest import ROOT, ggans, tiny_run_config
 from ggans import run as run_mod
 from ggans.config import CheckpointConfig, RunConfig
 from ggans.errors import DataError, GGansError
@@ -240,3 +242,50 @@ def test_no_whole_checkpoint_is_one_line_and_deletes_nothing(mnist, whole, tmp_p
         run(cfg(), tmp_path / "run", mnist=mnist, progress=False)
     assert len(list((tmp_path / "run" / "checkpoints").glob("*.corrupt-*"))) == 2
     assert [r["round"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def scored_whole(mnist, tmp_path_factory):
+    """kill_at.py's run, uninterrupted: the killed runs, resumed, must end exactly like it."""
+    from kill_at import config
+
+    out = tmp_path_factory.mktemp("scored_whole")
+    run(config(), out, mnist=mnist, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "metrics",
+        pytest.param("checkpoint_tmp", marks=pytest.mark.slow),
+        pytest.param("checkpoint_finalize", marks=pytest.mark.slow),
+        pytest.param("final_grid", marks=pytest.mark.slow),
+        "summary",
+    ],
+)
+def test_kill_9_at_each_write_point_resumes_to_the_uninterrupted_run(
+    point, mnist, mnist_dir, scored_whole, tmp_path
+):
+    from kill_at import config
+
+    env = dict(os.environ, GGANS_DATA_DIR=str(mnist_dir))
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "kill_at.py"), point, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "summary.json").exists()
+    summary = run(config(), tmp_path, mnist=mnist, progress=False)
+    assert rows_without_time(tmp_path / "metrics.jsonl") == rows_without_time(
+        scored_whole / "metrics.jsonl"
+    )
+    first = json.loads((scored_whole / "summary.json").read_text())
+    assert summary["final"] == first["final"]
+    assert summary["replica_steps_per_s"] > 0
+    grid = "samples/final.png"
+    assert (tmp_path / grid).read_bytes() == (scored_whole / grid).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]

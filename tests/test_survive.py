@@ -57,6 +57,7 @@ def cli(folder, mnist_dir):
     )
 
 
+@pytest.mark.slow  # 40 s; test_faults kills at each write point in CI
 def test_killed_run_resumes_to_the_same_result(mnist_dir, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert cli(whole, mnist_dir).wait(timeout=600) == 0

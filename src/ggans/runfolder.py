@@ -48,11 +48,15 @@ NULL_MEANS = "null: a non-finite value (a machine whose losses or parameters div
 log = logging.getLogger("ggans")
 
 
+def _line(row: dict) -> bytes:
+    return (json.dumps(_plain(row), allow_nan=False) + "\n").encode()
+
+
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append one JSON row as one line, flushed to disk. Every byte is checked written: a
     failed or short write is undone (the file cut back to its rows before) and stops the run
     with one line."""
-    line = (json.dumps(_plain(row), allow_nan=False) + "\n").encode()
+    line = _line(row)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as err:
@@ -99,10 +103,22 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
             with open(path.with_name(path.name + ".corrupt"), "ab") as f:
                 f.writelines(bad)
             log.warning("%s: %d damaged line(s) moved to %s.corrupt", path, len(bad), path.name)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(good))
-        os.replace(tmp, path)
+        _replace_bytes(path, b"".join(good))
     return rows
+
+
+def _replace_bytes(path: Path, data: bytes) -> None:
+    """Replace a file's contents atomically (a synced temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise GGansError(f"{path}: cannot rewrite ({err.strerror}); left as it was") from None
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:
@@ -348,11 +364,13 @@ class RunFolder:
         """The latest checkpoint, and metrics.jsonl cut back to its round."""
         start, state, meta = self.checkpoints.restore(like)
         cum = {k: np.asarray(v) if isinstance(v, list) else v for k, v in meta["cum"].items()}
-        rows = [r for r in read_jsonl(self.metrics, repair=True) if r["round"] <= start]
+        read = read_jsonl(self.metrics, repair=True)
+        rows = [r for r in read if r["round"] <= start]
         missing = sorted(set(range(1, start + 1)) - {r["round"] for r in rows})
         if missing:
             log.warning("%s: no row for round(s) %s (damaged or lost)", self.metrics, missing)
-        _rewrite_jsonl(self.metrics, rows)
+        if len(rows) < len(read):  # rows past the checkpoint: that round is trained again
+            _replace_bytes(self.metrics, b"".join(_line(r) for r in rows))
         return Resumed(start, state, cum, np.asarray(meta["excluded"], bool), rows)
 
     def summary(self) -> dict[str, Any] | None:
@@ -384,14 +402,3 @@ class RunFolder:
             self._ckpt.close()
             self._ckpt = None
         self._lock.release()
-
-
-def _rewrite_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.unlink(missing_ok=True)
-    for row in rows:
-        append_jsonl(tmp, row)
-    if rows:
-        tmp.replace(path)
-    else:
-        path.unlink(missing_ok=True)
