@@ -26,6 +26,8 @@ from ggans.training import RoundSpec
 class ProtocolConfig:
     name: str = "gossip"  # a registered protocol (ggans.protocols): standalone | federated | ...
     mix_optimizer: bool = False  # also mix Adam states (the paper mixes weights only)
+    average_g: bool = False  # swap_d: average the generators (else they stay local)
+    best_couple: bool = False  # after the last round every machine takes the best G and D
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class RunConfig:
             faults=self.faults,
             form=self.mixing.form,
             mix_optimizer=self.protocol.mix_optimizer,
+            protocol_options=(("average_g", self.protocol.average_g),),
             chunk=self.chunk,
         )
 
@@ -126,7 +129,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Check every value and combination; return ``cfg`` unchanged or raise ConfigError."""
     _int("nodes", cfg.nodes, 1)
     _choice("protocol.name", cfg.protocol.name, protocols.names())
-    _choice("topology.name", cfg.topology.name, topologies.names())
+    _int("topology.seed", cfg.topology.seed, 0)
+    topologies.check(cfg.topology, cfg.nodes)
     _int("local_steps", cfg.local_steps, 1)
     _int("iterations", cfg.iterations, 1)
     if cfg.local_steps > cfg.iterations:

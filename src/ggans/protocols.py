@@ -79,10 +79,15 @@ class Exchange(struct.PyTreeNode):
     graph: Graph
     faults: Faults = struct.field(pytree_node=False)
     model_bytes: tuple[int, int] = struct.field(pytree_node=False)
+    options: tuple[tuple[str, Any], ...] = struct.field(pytree_node=False, default=())
 
     @property
     def n(self) -> int:
         return self.alive.shape[0]
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """A protocol setting from the ``protocol`` config group (``protocol.<name>``)."""
+        return dict(self.options).get(name, default)
 
 
 @dataclass(frozen=True)
@@ -193,28 +198,116 @@ def gossip_ind(ex: Exchange):
     return g_mix, d_mix, peer_traffic(ex, g_mix, d_mix)
 
 
-@register("federated")
-def federated(ex: Exchange):
+def server_average(ex: Exchange, key: jax.Array, nbytes: float) -> tuple[Mixing, Traffic]:
     """A server averages the models it received and sends the average back: receiver j gets
-    it iff its download arrived. The server's traffic is counted on its side."""
+    it iff its download arrived. The server's traffic is counted on its side; each message is
+    ``nbytes``."""
     n, alive, loss = ex.n, ex.alive, ex.faults.message_loss
-    up_key, down_key = jax.random.split(ex.g_key)
+    up_key, down_key = jax.random.split(key)
     up = alive & (jax.random.uniform(up_key, (n,)) >= loss)
     down = alive & (jax.random.uniform(down_key, (n,)) >= loss) & up.any()
-    src = jnp.tile(jnp.arange(n), n)  # e = j * n + i: j receives i
-    dst = jnp.repeat(jnp.arange(n), n)
+    src, dst = all_pairs(n)
     valid = jnp.where(down[dst], up[src], src == dst)
     mixing = normalise(src, dst, valid, jnp.zeros(n * n, bool), n)
-    both = float(sum(ex.model_bytes))
     traffic = Traffic(
-        sent=alive * both,
-        received=down * both,
-        server_in=up.sum() * both,
-        server_out=down.sum() * both,
+        sent=alive * nbytes,
+        received=down * nbytes,
+        server_in=up.sum() * nbytes,
+        server_out=down.sum() * nbytes,
         dropped=(~alive).sum(),
         lost=alive.sum() - up.sum() + (alive & up.any()).sum() - down.sum(),
     )
+    return mixing, traffic
+
+
+def all_pairs(n: int) -> tuple[jax.Array, jax.Array]:
+    """Messages ``src -> dst`` for every ordered pair, self pairs included: e = dst * n + src."""
+    return jnp.tile(jnp.arange(n), n), jnp.repeat(jnp.arange(n), n)
+
+
+@register("federated")
+def federated(ex: Exchange):
+    """The paper's federated averaging: a server averages G and D and sends them back."""
+    mixing, traffic = server_average(ex, ex.g_key, float(sum(ex.model_bytes)))
     return mixing, mixing, traffic
+
+
+@register("g_only")
+def g_only(ex: Exchange):
+    """Federated averaging of the generators only; every discriminator stays local."""
+    mixing, traffic = server_average(ex, ex.g_key, float(ex.model_bytes[0]))
+    return mixing, identity(ex.n), traffic
+
+
+@register("d_only")
+def d_only(ex: Exchange):
+    """Federated averaging of the discriminators only; every generator stays local."""
+    mixing, traffic = server_average(ex, ex.d_key, float(ex.model_bytes[1]))
+    return identity(ex.n), mixing, traffic
+
+
+def metropolis_hastings(ex: Exchange, key: jax.Array) -> Mixing:
+    """Each machine averages with all its neighbours in the round's graph, neighbour j's model
+    weighted 1 / (1 + max(d_i, d_j)) (d: in-degrees), its own taking the rest; a message
+    lost, or a machine dropped, moves that weight to the receiver's own model."""
+    n, adj = ex.n, ex.graph.adjacency
+    src, dst = all_pairs(n)
+    deg = adj.sum(axis=0).astype(jnp.float32)  # adj[j, i]: j sends to i
+    edge = adj[src, dst]
+    sent = edge & ex.alive[src]
+    lost = jax.random.uniform(key, src.shape) < ex.faults.message_loss
+    arrived = sent & ex.alive[dst] & ~lost
+    w = jnp.where(arrived, 1.0 / (1.0 + jnp.maximum(deg[src], deg[dst])), 0.0)
+    own = 1.0 - jax.ops.segment_sum(w, dst, n)
+    return Mixing(
+        src.astype(jnp.int32), dst.astype(jnp.int32), jnp.where(src == dst, own[dst], w), sent, n
+    )
+
+
+@register("neighbourhood")
+def neighbourhood(ex: Exchange):
+    """D-PSGD style: G and D averaged with every neighbour, Metropolis-Hastings weights."""
+    mixing = metropolis_hastings(ex, ex.g_key)
+    return mixing, mixing, peer_traffic(ex, mixing, mixing)
+
+
+@register("swap_d")
+def swap_d(ex: Exchange):
+    """MD-GAN style: the discriminators move along a random permutation each round (machine
+    j's D goes to machine perm[j]); a machine whose incoming D is lost, or that is dropped,
+    keeps its own. Generators stay local, or with ``protocol.average_g=true`` are averaged
+    by a server as in federated."""
+    n, alive = ex.n, ex.alive
+    perm_key, loss_key = jax.random.split(ex.d_key)
+    i = jnp.arange(n)
+    target = jax.random.permutation(perm_key, n)
+    lost = jax.random.uniform(loss_key, (n,)) < ex.faults.message_loss
+    sent = alive & (target != i)
+    delivered = sent & alive[target] & ~lost
+    receives = jnp.zeros(n, bool).at[target].set(delivered)
+    d_mix = normalise(
+        jnp.concatenate([i, i]),
+        jnp.concatenate([i, target]),
+        jnp.concatenate([~receives, delivered]),
+        jnp.concatenate([jnp.zeros(n, bool), sent]),
+        n,
+    )
+    if ex.option("average_g", False):
+        g_mix, server = server_average(ex, ex.g_key, float(ex.model_bytes[0]))
+        peer = peer_traffic(ex, identity(n), d_mix)
+        traffic = server.replace(
+            sent=server.sent + peer.sent, received=server.received + peer.received
+        )
+        return g_mix, d_mix, traffic.replace(lost=server.lost + peer.lost)
+    return identity(n), d_mix, peer_traffic(ex, identity(n), d_mix)
+
+
+def best_couple(n: int, best: int | jax.Array) -> Mixing:
+    """The paper's closing suggestion as a mixing: every machine takes machine ``best``'s
+    model (W's column ``best`` all ones); ``best`` sends it to the N - 1 others."""
+    src = jnp.full((n,), best, jnp.int32)
+    dst = jnp.arange(n, dtype=jnp.int32)
+    return Mixing(src, dst, jnp.ones(n, jnp.float32), src != dst, n)
 
 
 def round_mixing(
@@ -226,6 +319,7 @@ def round_mixing(
     active: jax.Array | None = None,
     topology: TopologySpec = TopologySpec(),  # noqa: B008 (frozen, immutable)
     r: jax.Array | int = 0,
+    options: tuple[tuple[str, Any], ...] = (),
 ) -> tuple[Mixing, Mixing, Traffic]:
     """The G mixing, the D mixing and the traffic of round ``r``.
 
@@ -241,8 +335,38 @@ def round_mixing(
         return identity(n), identity(n), no_traffic(n)
     r = jnp.asarray(r, jnp.int32)
     graph = round_graph(topology, n, r, jax.random.fold_in(key, TOPOLOGY_STREAM))
-    ex = Exchange(g_key, d_key, r, alive, graph, faults, tuple(model_bytes))
+    ex = Exchange(g_key, d_key, r, alive, graph, faults, tuple(model_bytes), tuple(options))
     return proto.mixing(ex)
+
+
+def expected_mixing(
+    protocol: str,
+    n: int,
+    topology: TopologySpec = TopologySpec(),  # noqa: B008 (frozen, immutable)
+    faults: Faults = Faults(),  # noqa: B008 (frozen, immutable)
+    draws: int = 512,
+    key: jax.Array | None = None,
+    options: tuple[tuple[str, Any], ...] = (),
+) -> jax.Array:
+    """E[W] [N, N] of G's mixing, averaged over ``draws`` rounds (their keys and indices)."""
+    key = jax.random.key(0) if key is None else key
+
+    @jax.jit
+    def one(k, r):
+        g_mix, _, _ = round_mixing(protocol, k, n, (1, 1), faults, None, topology, r, options)
+        return g_mix.matrix()
+
+    keys = jax.random.split(key, draws)
+    return jax.lax.map(lambda a: one(*a), (keys, jnp.arange(draws, dtype=jnp.int32))).mean(0)
+
+
+def spectral_gap(w) -> float:
+    """1 - |lambda_2| of a mixing matrix: how fast repeated mixing reaches consensus (1 for
+    an exact average, 0 for none)."""
+    import numpy as np
+
+    moduli = np.sort(np.abs(np.linalg.eigvals(np.asarray(w, np.float64))))[::-1]
+    return float(1.0 - moduli[1]) if len(moduli) > 1 else 1.0
 
 
 # The topology's draws come from the exchange key folded with this constant, apart from the

@@ -42,6 +42,7 @@ class RoundSpec:
     faults: Faults = field(default_factory=Faults)
     form: str = "auto"  # mixing form: auto | dense | gather
     mix_optimizer: bool = False
+    protocol_options: tuple[tuple[str, object], ...] = ()  # protocol.<name> settings
     sharding: jax.sharding.Sharding | None = None  # of the replica axis, when sharded
     chunk: int | None = None  # machines trained at once (vmapped); None: all N
 
@@ -109,6 +110,7 @@ def exchange(
         active,
         spec.topology,
         r,
+        spec.protocol_options,
     )
     if not protocols.get(spec.protocol).mixes or n == 1:
         return state, traffic
