@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ggans.data import load_idx, load_tfds, pad_shards, split_indices, subsample, to_model_range
+from ggans.data import load_idx, load_tfds, pad_shards, subsample, to_model_range
+from ggans.partitions import split_indices
 from ggans.errors import ConfigError, DataError
 
 

@@ -11,8 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ggans import datasets, impls, protocols, topologies
-from ggans.data import SPLITS
+from ggans import datasets, impls, partitions, protocols, topologies
 from ggans.errors import ConfigError
 from ggans.gan import LOSSES, GanSpec
 from ggans.models import ARCHITECTURES, PRECISIONS
@@ -36,11 +35,14 @@ class MixingConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(partitions.Params):
+    """The dataset, its share used, and how it is dealt (the partitioner's parameters are
+    :class:`ggans.partitions.Params`'s)."""
+
     name: str = (
         "mnist"  # a registered dataset (ggans.datasets): mnist | fashion_mnist | tfds:<name>
     )
-    split: str = "iid"  # iid | non_iid (machine i holds digit i mod 10)
+    split: str = "iid"  # iid | non_iid (digit i mod 10) | dirichlet | classes | shards | quantity
     dir: str | None = None  # folder of the IDX files; None: $GGANS_DATA_DIR, else tfds
     fraction: float = 1.0  # share of the training images used (before splitting)
 
@@ -144,7 +146,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _int("seed", cfg.seed, 0)
     _choice("init", cfg.init, INITS)
     _choice("mixing.form", cfg.mixing.form, FORMS)
-    _choice("data.split", cfg.data.split, SPLITS)
+    _choice("data.split", cfg.data.split, partitions.names())
+    partitions.check(
+        cfg.data.split, cfg.nodes, datasets.get(cfg.data.name).classes or None, cfg.data
+    )
     if cfg.eval.every and not datasets.get(cfg.data.name).scored:
         raise ConfigError(
             f"eval.every={cfg.eval.every}: data.name={cfg.data.name!r} has no classifier for MS "

@@ -27,7 +27,6 @@ IDX_FILES: dict[str, tuple[str, str]] = {
     "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
     "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
 }
-SPLITS = ("iid", "non_iid")
 
 
 class Images(NamedTuple):
@@ -146,53 +145,6 @@ def subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
         return np.arange(n)
     keep = max(1, int(round(fraction * n)))
     return np.sort(np.random.default_rng(seed).permutation(n)[:keep])
-
-
-def split_indices(
-    labels: np.ndarray,
-    nodes: int,
-    split: str,
-    seed: int,
-    pool: np.ndarray | None = None,
-    classes: int = 10,
-) -> list[np.ndarray]:
-    """Per-machine shards of training-image indices (drawn from ``pool``, default: all).
-
-    ``iid``: a seeded random permutation cut into ``nodes`` equal, disjoint shares (the
-    remainder of ``len(pool) % nodes`` images is left out, so shares are equal).
-    ``non_iid``: machine i holds class ``i % C`` when ``nodes >= C`` (a class's images are
-    divided evenly among the machines sharing it); when ``nodes < C`` machine i holds the
-    classes d with ``d % nodes == i``. So N = 10 on MNIST is the paper's one digit per machine.
-    """
-    pool = np.arange(len(labels)) if pool is None else np.asarray(pool)
-    if nodes < 1:
-        raise ConfigError(f"nodes={nodes}: must be an integer >= 1")
-    if split not in SPLITS:
-        raise ConfigError(f"data.split={split!r}: must be one of {', '.join(SPLITS)}")
-    if nodes > len(pool):
-        raise ConfigError(f"nodes={nodes}: more machines than training images ({len(pool)})")
-    rng = np.random.default_rng(seed)
-    if split == "iid":
-        share = len(pool) // nodes
-        order = rng.permutation(pool)
-        return [np.sort(order[i * share : (i + 1) * share]) for i in range(nodes)]
-    shards: list[list[np.ndarray]] = [[] for _ in range(nodes)]
-    for digit in range(classes):
-        owners = [
-            i
-            for i in range(nodes)
-            if (i % classes == digit if nodes >= classes else digit % nodes == i)
-        ]
-        images = rng.permutation(pool[labels[pool] == digit])
-        for owner, part in zip(owners, np.array_split(images, len(owners)), strict=True):
-            shards[owner].append(part)
-    out = [np.sort(np.concatenate(parts)) for parts in shards]
-    empty = [i for i, s in enumerate(out) if len(s) == 0]
-    if empty:
-        raise ConfigError(
-            f"nodes={nodes}: machine {empty[0]} gets no images with data.split=non_iid"
-        )
-    return out
 
 
 def pad_shards(shards: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

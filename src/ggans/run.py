@@ -26,12 +26,13 @@ import numpy as np
 
 from ggans import datasets, impls, memory
 from ggans.config import RunConfig
-from ggans.data import Images, pad_shards, split_indices, subsample
+from ggans.data import Images, pad_shards, subsample
 from ggans.errors import GGansError
 from ggans.gan import GanState
+from ggans.partitions import histogram, split_indices
 from ggans.progress import log_through, progress_bar
 from ggans.replicas import init_replicas, replicas_shape
-from ggans.runfolder import NULL_MEANS, RunFolder, describe
+from ggans.runfolder import NULL_MEANS, RunFolder, describe, write_json
 from ggans.sharding import replica_sharding, replicated
 from ggans.training import RoundInfo, RoundSpec, Shards, iterate_rounds, lower_round
 
@@ -47,13 +48,18 @@ class Logger(Protocol):
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
-def make_shards(cfg: RunConfig, images: Images) -> Shards:
-    """Every machine's share of the training images, as device arrays."""
+def deal(cfg: RunConfig, images: Images) -> list[np.ndarray]:
+    """Every machine's training-image indices (``data.fraction`` of them, dealt by
+    ``data.split``)."""
     labels = images.train_labels
     pool = subsample(labels, cfg.data.fraction, cfg.seed)
     classes = datasets.classes(cfg.data.name, images)
-    parts = split_indices(labels, cfg.nodes, cfg.data.split, cfg.seed, pool, classes)
-    index, size = pad_shards(parts)
+    return split_indices(labels, cfg.nodes, cfg.data.split, cfg.seed, pool, classes, cfg.data)
+
+
+def make_shards(cfg: RunConfig, images: Images) -> Shards:
+    """Every machine's share of the training images, as device arrays."""
+    index, size = pad_shards(deal(cfg, images))
     return Shards(jnp.asarray(images.train_images), jnp.asarray(index), jnp.asarray(size))
 
 
@@ -158,6 +164,7 @@ class Run:
             log.info("%s: already finished; outputs in %s", cfg.name, self.folder.path)
             return self.finished
         self.folder.begin()
+        self._write_labels()
         self.cum = {
             "sent": np.zeros(cfg.nodes),
             "received": np.zeros(cfg.nodes),
@@ -275,6 +282,15 @@ class Run:
                 raise GGansError(f"{msg}; every machine has now failed, stopping")
             log.warning("%s; left out of every exchange from now on (on_nan=skip)", msg)
         return row
+
+    def _write_labels(self) -> None:
+        """labels.json, once: each machine's label histogram [N, classes]."""
+        path = self.folder.path / "labels.json"
+        if path.exists():
+            return
+        classes = datasets.classes(self.cfg.data.name, self.mnist)
+        counts = histogram(self.mnist.train_labels, deal(self.cfg, self.mnist), classes)
+        write_json(path, {"split": self.cfg.data.split, "classes": classes, "counts": counts})
 
     def _meta(self) -> dict[str, Any]:
         return {"cum": self.cum, "excluded": self.excluded}
