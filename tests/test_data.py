@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ggans.data import load_idx, load_tfds, pad_shards, subsample, to_model_range
-from ggans.partitions import split_indices
 from ggans.errors import ConfigError, DataError
+from ggans.partitions import split_indices
 
 
 def test_idx_files_load_with_expected_shapes(mnist):
