@@ -150,6 +150,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     partitions.check(
         cfg.data.split, cfg.nodes, datasets.get(cfg.data.name).classes or None, cfg.data
     )
+    if cfg.protocol.best_couple and not cfg.eval.every:
+        raise ConfigError(
+            "protocol.best_couple=true: needs scores to pick the best machine; set eval.every >= 1"
+        )
     if cfg.eval.every and not datasets.get(cfg.data.name).scored:
         raise ConfigError(
             f"eval.every={cfg.eval.every}: data.name={cfg.data.name!r} has no classifier for MS "

@@ -82,7 +82,11 @@ class Evaluator:
         self.real: RealStats = real_stats(train_images, cache_dir=cache_dir())
         self.last_grid: Path | None = None
 
-    def __call__(self, state: GanState, key: jax.Array, r: int) -> dict[str, Any]:
+    def __call__(
+        self, state: GanState, key: jax.Array, r: int, grid: str | None = None
+    ) -> dict[str, Any]:
+        """Scores of every machine after round ``r`` (0-based); the sample grid goes to
+        ``samples/<grid>.png`` (default ``round_<r + 1>``)."""
         images = sample_population(self.spec, state, key, self.samples, self.chunk)
         scores = score_population(images, self.real)
         row: dict[str, Any] = {}
@@ -94,6 +98,6 @@ class Evaluator:
             )
         if self.out_dir is not None and self.grid_replicas:
             shown = np.asarray(images[: self.grid_replicas, :8])
-            self.last_grid = self.out_dir / "samples" / f"round_{r + 1:05d}.png"
+            self.last_grid = self.out_dir / "samples" / f"{grid or f'round_{r + 1:05d}'}.png"
             save_grid(shown, self.last_grid)
         return row

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ggans import datasets, impls, memory
+from ggans import datasets, impls, memory, protocols
 from ggans.config import RunConfig
 from ggans.data import Images, pad_shards, subsample
 from ggans.errors import GGansError
@@ -34,7 +34,14 @@ from ggans.progress import log_through, progress_bar
 from ggans.replicas import init_replicas, replicas_shape
 from ggans.runfolder import NULL_MEANS, RunFolder, describe, write_json
 from ggans.sharding import replica_sharding, replicated
-from ggans.training import RoundInfo, RoundSpec, Shards, iterate_rounds, lower_round
+from ggans.training import (
+    RoundInfo,
+    RoundSpec,
+    Shards,
+    iterate_rounds,
+    lower_round,
+    message_bytes,
+)
 
 log = logging.getLogger("ggans")
 TRAIN_SIGNALS = ("g_loss", "d_loss", "wasserstein", "gradient_penalty")
@@ -283,6 +290,32 @@ class Run:
             log.warning("%s; left out of every exchange from now on (on_nan=skip)", msg)
         return row
 
+    def _best_couple(self) -> dict[str, Any]:
+        """The paper's closing suggestion, after the last round: every machine takes the G and
+        D of the machine with the lowest FID (among those still training), as a mixing; the
+        result is scored as in evaluation (samples/best_couple.png). The trained state and its
+        checkpoint are left as they are."""
+        fid = np.array([np.inf if v is None else v for v in self.last["fid"]], np.float64)
+        fid[self.excluded] = np.inf
+        best = int(np.argmin(fid))
+        mixing = protocols.best_couple(self.cfg.nodes, best)
+        s = self.state
+        couple = dataclasses.replace(
+            s,
+            g_params=protocols.mix(mixing, s.g_params),
+            g_state=protocols.mix(mixing, s.g_state),
+            d_params=protocols.mix(mixing, s.d_params),
+            d_state=protocols.mix(mixing, s.d_state),
+        )
+        key = jax.random.fold_in(self.eval_key, self.cfg.rounds)
+        scores = self.evaluator(couple, key, self.cfg.rounds, grid="best_couple")
+        g, d = message_bytes(s, False)
+        return {
+            "machine": best,
+            "bytes_sent": float(mixing.sent.sum()) * (g + d),
+            **{k: v for k, v in scores.items() if k.split("_")[0] in ("fid", "ms")},
+        }
+
     def _write_labels(self) -> None:
         """labels.json, once: each machine's label histogram [N, classes]."""
         path = self.folder.path / "labels.json"
@@ -323,6 +356,8 @@ class Run:
         }
         if excluded:
             summary["means_over"] = "the machines not excluded; " + NULL_MEANS
+        if cfg.protocol.best_couple:
+            summary["best_couple"] = self._best_couple()
         summary = self.folder.finish(summary)
         for logger in self.loggers:
             logger.finish(summary)
