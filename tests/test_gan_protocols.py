@@ -21,7 +21,7 @@ BYTES = (300, 500)  # one G message, one D message
 N = 8
 
 
-def matrices(protocol, key=0, faults=Faults(), **options):
+def matrices(protocol, key=0, faults=Faults(), **options):  # noqa: B008 (frozen)
     g, d, traffic = round_mixing(protocol, jax.random.key(key), N, BYTES, faults,
                                  options=tuple(options.items()))  # fmt: skip
     return np.asarray(g.matrix()), np.asarray(d.matrix()), traffic

@@ -37,7 +37,7 @@ def config_dir() -> Path:
     raise FileNotFoundError("ggans: cannot find the conf/ folder")
 
 
-GROUPS = ("model", "protocol", "topology", "scale", "experiment", "logger")
+GROUPS = ("model", "protocol", "topology", "compression", "scale", "experiment", "logger")
 
 
 @dataclass(frozen=True)
@@ -197,9 +197,10 @@ def check_config(argv: list[str], conf: Path) -> None:
         for overrides in variants:
             try:
                 cfg = compose("config", overrides=overrides)
-            except Exception as err:
+                container = OmegaConf.to_container(cfg, resolve=True)
+            except Exception as err:  # a bad value, or an interpolation that cannot resolve
                 raise GGansError(_one_line(err)) from None
-            run_config(OmegaConf.to_container(cfg, resolve=True))
+            run_config(container)
 
 
 def latest_unfinished(out: Path) -> Path:

@@ -11,7 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ggans import datasets, impls, partitions, protocols, topologies
+from ggans import compression, datasets, impls, partitions, protocols, topologies
+from ggans.compression import CompressionSpec
 from ggans.errors import ConfigError
 from ggans.gan import LOSSES, GanSpec
 from ggans.models import ARCHITECTURES, PRECISIONS
@@ -74,6 +75,7 @@ class RunConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     topology: TopologySpec = field(default_factory=TopologySpec)
     mixing: MixingConfig = field(default_factory=MixingConfig)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
     model: GanSpec = field(default_factory=GanSpec)
     data: DataConfig = field(default_factory=DataConfig)
     faults: Faults = field(default_factory=Faults)
@@ -99,6 +101,7 @@ class RunConfig:
             form=self.mixing.form,
             mix_optimizer=self.protocol.mix_optimizer,
             protocol_options=(("average_g", self.protocol.average_g),),
+            compression=self.compression,
             chunk=self.chunk,
         )
 
@@ -146,6 +149,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     _int("seed", cfg.seed, 0)
     _choice("init", cfg.init, INITS)
     _choice("mixing.form", cfg.mixing.form, FORMS)
+    compression.check(cfg.compression)
+    if cfg.compression.active and cfg.protocol.mix_optimizer:
+        raise ConfigError(
+            f"compression.name={cfg.compression.name}: compresses models only; set "
+            "protocol.mix_optimizer=false"
+        )
+    if cfg.compression.active and cfg.mixing.form == "gather":
+        raise ConfigError(
+            f"compression.name={cfg.compression.name}: mixes in dense form; set "
+            "mixing.form=auto or dense"
+        )
     _choice("data.split", cfg.data.split, partitions.names())
     partitions.check(
         cfg.data.split, cfg.nodes, datasets.get(cfg.data.name).classes or None, cfg.data

@@ -84,6 +84,7 @@ class GanState(struct.PyTreeNode):
     d_state: dict[str, PyTree]
     g_opt: PyTree
     d_opt: PyTree
+    exchange: PyTree = None  # what the exchange keeps between rounds (compression's residual)
 
 
 def _apply(module: nn.Module, params, collections: dict, x, **kwargs):
@@ -186,5 +187,12 @@ def train_step(
     (g_loss, g_state), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
     g_params, g_opt = _adam_step(impl, spec.g_adam, g_grads, state.g_opt, state.g_params)
 
-    new_state = GanState(g_params, g_state, d_params, d_state, g_opt, d_opt)
+    new_state = state.replace(
+        g_params=g_params,
+        g_state=g_state,
+        d_params=d_params,
+        d_state=d_state,
+        g_opt=g_opt,
+        d_opt=d_opt,
+    )
     return new_state, StepMetrics(g_loss, d_loss, wasserstein, gp)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ggans import datasets, impls, memory, protocols
+from ggans import datasets, impls, memory, protocols, training
 from ggans.config import RunConfig
 from ggans.data import Images, pad_shards, subsample
 from ggans.errors import GGansError
@@ -131,6 +131,7 @@ def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist) -> Ru
     memory.check_state_fits(state_shape, mnist.train_images.nbytes, cfg.nodes)
     shards = make_shards(cfg, mnist)
     state = init_replicas(cfg.model, jax.random.key(cfg.seed), cfg.nodes, cfg.init)
+    state = training.with_exchange_memory(cfg.round_spec, state)
     if sharding is not None:
         state = jax.device_put(state, sharding)
         shards = Shards(
@@ -356,6 +357,12 @@ class Run:
         }
         if excluded:
             summary["means_over"] = "the machines not excluded; " + NULL_MEANS
+        summary["spectral_gap"] = protocols.spectral_gap(
+            protocols.expected_mixing(
+                cfg.protocol.name, cfg.nodes, cfg.topology, cfg.faults, draws=256,
+                options=cfg.round_spec.protocol_options,
+            )
+        )  # fmt: skip
         if cfg.protocol.best_couple:
             summary["best_couple"] = self._best_couple()
         summary = self.folder.finish(summary)

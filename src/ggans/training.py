@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ggans import impls, protocols
+from ggans import compression, impls, protocols
+from ggans.compression import CompressionSpec
 from ggans.data import to_model_range
 from ggans.gan import GanSpec, GanState, StepMetrics, train_step
 from ggans.protocols import Faults, Traffic
@@ -43,6 +44,7 @@ class RoundSpec:
     form: str = "auto"  # mixing form: auto | dense | gather
     mix_optimizer: bool = False
     protocol_options: tuple[tuple[str, object], ...] = ()  # protocol.<name> settings
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
     sharding: jax.sharding.Sharding | None = None  # of the replica axis, when sharded
     chunk: int | None = None  # machines trained at once (vmapped); None: all N
 
@@ -82,8 +84,17 @@ def round_keys(train_key: jax.Array, r: int | jax.Array, n: int) -> tuple[jax.Ar
     return jax.random.split(local_key, n), mix_key
 
 
-def message_bytes(state: GanState, mix_optimizer: bool) -> tuple[int, int]:
-    """Bytes of one G message and one D message (one machine's mixed leaves)."""
+def message_bytes(
+    state: GanState,
+    mix_optimizer: bool,
+    compressed: CompressionSpec = CompressionSpec(),  # noqa: B008 (frozen, immutable)
+) -> tuple[int, int]:
+    """Bytes of one G message and one D message (one machine's mixed leaves, as sent)."""
+    if compressed.active:
+        return (
+            compression.message_bytes(compressed, (state.g_params, state.g_state)),
+            compression.message_bytes(compressed, (state.d_params, state.d_state)),
+        )
     one = jax.tree.map(lambda x: x[0], state)
     g = protocols.tree_bytes((one.g_params, one.g_state))
     d = protocols.tree_bytes((one.d_params, one.d_state))
@@ -98,14 +109,16 @@ def exchange(
     key: jax.Array,
     active: jax.Array | None = None,
     r: jax.Array | int = 0,
+    start: GanState | None = None,
 ) -> tuple[GanState, Traffic]:
-    """Round ``r``'s exchange on the stacked state; inactive machines are left out."""
+    """Round ``r``'s exchange on the stacked state; inactive machines are left out.
+    ``start``: the state as the round began (what compressed messages are measured from)."""
     n = jax.tree.leaves(state)[0].shape[0]
     g_mix, d_mix, traffic = protocols.round_mixing(
         spec.protocol,
         key,
         n,
-        message_bytes(state, spec.mix_optimizer),
+        message_bytes(state, spec.mix_optimizer, spec.compression),
         spec.faults,
         active,
         spec.topology,
@@ -114,6 +127,11 @@ def exchange(
     )
     if not protocols.get(spec.protocol).mixes or n == 1:
         return state, traffic
+    if spec.compression.active:
+        mixed = _mix_compressed(spec.compression, state, start, g_mix, d_mix, key)
+        if spec.sharding is not None:
+            mixed = jax.lax.with_sharding_constraint(mixed, spec.sharding)
+        return mixed, traffic
     mix = partial(protocols.mix, form=spec.form)
     g_opt, d_opt = state.g_opt, state.d_opt
     if spec.mix_optimizer:
@@ -129,6 +147,44 @@ def exchange(
     if spec.sharding is not None:  # keep the mixed state sharded like its input
         mixed = jax.lax.with_sharding_constraint(mixed, spec.sharding)
     return mixed, traffic
+
+
+# Compression's random draws (stochastic rounding) come from the exchange key folded with this.
+COMPRESSION_STREAM = 0xC0DE
+
+
+def _mix_compressed(cspec, state, start, g_mix, d_mix, key) -> GanState:
+    """G and D mixed with compressed messages (see :mod:`ggans.compression`)."""
+    start = state if start is None else start
+    g_key, d_key = jax.random.split(jax.random.fold_in(key, COMPRESSION_STREAM))
+    memory = state.exchange or {"g": None, "d": None}
+    (g_params, g_state), g_res = compression.mix_tree(
+        cspec, g_mix.matrix(), (state.g_params, state.g_state),
+        (start.g_params, start.g_state), memory["g"], g_key,
+    )  # fmt: skip
+    (d_params, d_state), d_res = compression.mix_tree(
+        cspec, d_mix.matrix(), (state.d_params, state.d_state),
+        (start.d_params, start.d_state), memory["d"], d_key,
+    )  # fmt: skip
+    return state.replace(
+        g_params=g_params,
+        g_state=g_state,
+        d_params=d_params,
+        d_state=d_state,
+        exchange={"g": g_res, "d": d_res} if cspec.error_feedback else state.exchange,
+    )
+
+
+def with_exchange_memory(spec: RoundSpec, state: GanState) -> GanState:
+    """The state with the zero memory its exchange keeps (error feedback), if any."""
+    if not (spec.compression.active and spec.compression.error_feedback):
+        return state
+    return state.replace(
+        exchange={
+            "g": compression.residual_like((state.g_params, state.g_state)),
+            "d": compression.residual_like((state.d_params, state.d_state)),
+        }
+    )
 
 
 def _all_finite(tree) -> jax.Array:
@@ -180,9 +236,10 @@ def train_machines(spec: RoundSpec, state: GanState, keys: jax.Array, shards: Sh
 def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key, r, active):
     n = shards.size.shape[0]
     keys, mix_key = round_keys(train_key, r, n)
+    start = state if spec.compression.name == "topk" else None
     state, metrics = train_machines(spec, state, keys, shards)
     finite = _all_finite(state) & _all_finite(metrics)
-    state, traffic = exchange(spec, state, mix_key, active & finite, r)
+    state, traffic = exchange(spec, state, mix_key, active & finite, r, start)
     return state, RoundInfo(metrics, traffic, finite)
 
 
