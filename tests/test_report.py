@@ -144,3 +144,35 @@ def test_runs_that_differ_in_another_setting_are_labelled_apart_not_pooled(tiny_
     assert set(by) == {"standalone [model.loss=nonsat]", "standalone [model.loss=wgan_gp]"}
     assert by["standalone [model.loss=wgan_gp]"]["seeds"] == [0, 1]
     assert by["standalone [model.loss=nonsat]"]["seeds"] == [0]
+
+
+def test_beyond_the_paper_figures_place_runs_by_gap_alpha_and_bytes(tiny_sweep, tmp_path):
+    from ggans.report import dirichlet_alpha, mb_sent, spectral_gap
+
+    root, src = tmp_path / "beyond", tiny_sweep / "federated-N2-K2-iid-s0"
+
+    def variant(name, settings=None, summary=None, labels=None):
+        copy = root / name
+        shutil.copytree(src, copy)
+        saved = json.loads((copy / "run_config.json").read_text())
+        (copy / "run_config.json").write_text(json.dumps(dict(saved, **(settings or {}))))
+        done = json.loads((copy / "summary.json").read_text())
+        (copy / "summary.json").write_text(json.dumps(dict(done, **(summary or {}))))
+        if labels is not None:
+            (copy / "labels.json").write_text(json.dumps({"counts": labels}))
+
+    for topology, gap in (("ring", 0.2), ("complete", 1.0)):
+        variant(f"gossip-{topology}", {"topology.name": topology}, {"spectral_gap": gap})
+    for alpha in (0.1, 10):
+        variant(f"dirichlet-{alpha}", {"data.split": "dirichlet", "data.alpha": alpha},
+                labels=[[9, 1], [1, 9]])  # fmt: skip
+    variant("topk", {"compression.name": "topk", "compression.fraction": 0.01})
+    variant("full", {"compression.name": "none"})
+    runs = {r.folder.name: r for r in find_runs([root])}
+    assert spectral_gap(runs["gossip-ring"]) == 0.2
+    assert dirichlet_alpha(runs["dirichlet-10"]) == 10 and dirichlet_alpha(runs["full"]) is None
+    assert mb_sent(runs["topk"]) == pytest.approx(runs["topk"].last("bytes_sent_mean") / 1e6)
+    files = report([root], tmp_path / "figures")
+    for kind in ("spectral_gap", "alpha", "labels"):
+        assert files[kind].stat().st_size > 5000, kind
+    assert "compression" not in files  # both compression runs sent the same bytes: one x

@@ -29,7 +29,7 @@ import json
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -517,6 +517,107 @@ def plot_faults(runs: list[Run], path: Path, title: str) -> Path | None:
     return path
 
 
+def plot_final_against(
+    runs: list[Run],
+    x_of: Callable[[Run], float | None],
+    xlabel: str,
+    path: Path,
+    title: str,
+    label_of: Callable[[Run], str] | None = None,
+    log: bool = False,
+) -> Path | None:
+    """Final FID and MS (mean +- std over machines, seeds pooled) of every run that
+    ``x_of`` places (a setting or a measured quantity), one series per protocol, each point
+    labelled by ``label_of`` when given. None when fewer than two distinct x."""
+    placed = [(x_of(r), r) for r in runs if r.final("fid") and r.nodes > 1]
+    placed = [(x, r) for x, r in placed if x is not None and np.isfinite(x)]
+    if len({x for x, _ in placed}) < 2:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), squeeze=False)
+    for col, (metric, ylabel) in enumerate(reversed(METRICS)):
+        ax = axes[0, col]
+        by: dict[str, dict[tuple[float, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+        for x, run in placed:
+            by[run.protocol][(x, label_of(run) if label_of else "")] += run.final(metric)
+        for protocol in sorted(by, key=_order):
+            points = sorted(by[protocol])
+            ax.errorbar(
+                [x for x, _ in points],
+                [np.mean(by[protocol][p]) for p in points],
+                yerr=[np.std(by[protocol][p]) for p in points],
+                marker="o",
+                linestyle="" if label_of else "-",
+                capsize=3,
+                label=protocol,
+                color=COLORS.get(protocol),
+            )
+            for x, label in points if label_of else ():
+                ax.annotate(label, (x, np.mean(by[protocol][(x, label)])), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: final scores against {xlabel}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def spectral_gap(run: Run) -> float | None:
+    return (run.summary or {}).get("spectral_gap")
+
+
+def dirichlet_alpha(run: Run) -> float | None:
+    return run.settings.get("data.alpha") if run.split == "dirichlet" else None
+
+
+def mb_sent(run: Run) -> float | None:
+    sent = run.last("bytes_sent_mean")
+    return sent / 1e6 if np.isfinite(sent) and sent > 0 else None
+
+
+def _compression_label(run: Run) -> str:
+    name = run.settings.get("compression.name", "none")
+    if name == "topk":
+        return f"top-{run.settings.get('compression.fraction', 0.1):g}"
+    if name == "quantize":
+        return f"{run.settings.get('compression.bits', 8)}-bit"
+    return "full"
+
+
+def plot_labels(runs: list[Run], path: Path, title: str, most: int = 6) -> Path | None:
+    """Each machine's label histogram (labels.json) for up to ``most`` runs of distinct splits,
+    as heat maps: machines down, labels across."""
+    shown: dict[str, np.ndarray] = {}
+    for run in runs:
+        f = run.folder / "labels.json"
+        if not f.exists():
+            continue
+        key = f"{run.split} {run.variant}".strip() if run.split != "iid" else "iid"
+        if key not in shown and len(shown) < most:
+            shown[key] = np.asarray(json.loads(f.read_text())["counts"], float)
+    if not shown or set(shown) == {"iid"}:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6), squeeze=False)
+    for ax, (key, counts) in zip(axes[0], shown.items(), strict=True):
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(key, fontsize=7)
+        ax.set_xlabel("label")
+        ax.set_ylabel("machine")
+    fig.suptitle(f"{title}: each machine's share of each label")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --- table ----------------------------------------------------------------------------------
 
 
@@ -632,6 +733,27 @@ def report(
         "bytes": plot_bytes(iid or non_iid, out / "fig_bytes.png", title),
         "k": plot_k(clean, out / "fig_k.png", title),
         "faults": plot_faults(runs, out / "fig_faults.png", title),
+        "spectral_gap": plot_final_against(
+            clean,
+            spectral_gap,
+            "spectral gap of the expected mixing",
+            out / "fig_spectral_gap.png",
+            title,
+            label_of=lambda r: r.settings.get("topology.name", "complete"),
+        ),
+        "alpha": plot_final_against(
+            clean, dirichlet_alpha, "Dirichlet alpha", out / "fig_alpha.png", title, log=True
+        ),
+        "compression": plot_final_against(
+            [r for r in clean if "compression.name" in r.settings],
+            mb_sent,
+            "MB sent per machine",
+            out / "fig_compression.png",
+            title,
+            label_of=_compression_label,
+            log=True,
+        ),
+        "labels": plot_labels(clean, out / "fig_labels.png", title),
     }
     if non_iid and not iid:  # a non-iid sweep alone: its box plots and samples too
         drawn["fig4"] = plot_boxes(non_iid, out / "fig4_final_scores.png", f"{title} (non-iid)")
