@@ -25,8 +25,11 @@ def _one_error_line(out, message):
         (["local_steps=0"], "local_steps=0: must be an integer >= 1"),
         (["local_steps=300", "iterations=200"], "local_steps=300: must be <= iterations"),
         (["local_steps=30", "iterations=100"], "iterations=100: must be a multiple of local_steps"),
-        (["protocol=telepathy"], "protocol='telepathy': must be one of federated, gossip"),
-        (["data.split=dirichlet"], "data.split='dirichlet': must be one of iid, non_iid"),
+        (
+            ["protocol=telepathy"],
+            "protocol='telepathy': must be one of d_only, federated, g_only, gossip",
+        ),
+        (["data.split=zipf"], "data.split='zipf': must be one of iid, non_iid, dirichlet"),
         (["model.loss=hinge"], "model.loss='hinge': must be one of wgan_gp, nonsat"),
         (["chunk=3", "nodes=4"], "chunk=3: must divide nodes (4)"),
         (["-m", "nodes=2,0"], "nodes=0: must be an integer >= 1"),
@@ -85,7 +88,7 @@ def test_group_choices_are_checked_before_hydra():
     check_group_choices(["protocol=gossip,federated", "model=tiny", "nodes=3"], conf)
     with pytest.raises(
         GGansError,
-        match="experiment='slow': must be one of faults, k_sweep, non_iid, quick, scalability",
+        match="experiment='slow': must be one of compression, faults, k_sweep, non_iid, partition",
     ):
         check_group_choices(["experiment=slow"], conf)
 

@@ -19,6 +19,9 @@ EXPECTED = {  # experiment -> (paper jobs, quick jobs)
     "non_iid": (4, 4),
     "k_sweep": (6, 6),
     "faults": (14, 10),
+    "topology": (36, 36),
+    "partition": (12, 12),
+    "compression": (5, 5),
 }
 
 
@@ -83,6 +86,22 @@ def test_k_sweep_scores_every_so_many_iterations_whatever_k(scale, every_iterati
         assert job["eval"]["every"] * job["local_steps"] == every_iterations
     ks = {j["local_steps"] for j in jobs}
     assert ks == ({50, 200, 1000} if scale == "paper" else {20, 100, 400})
+
+
+def test_beyond_the_paper_grids():
+    _, jobs = sweep_jobs("topology", "quick")
+    assert {(j["protocol"]["name"], j["nodes"]) for j in jobs} == set(
+        itertools.product(("gossip", "neighbourhood"), (10, 100))
+    )
+    assert len({j["topology"]["name"] for j in jobs}) == 9
+    _, jobs = sweep_jobs("partition", "paper")
+    assert {j["data"]["alpha"] for j in jobs} == {0.1, 1, 10}
+    assert {j["data"]["split"] for j in jobs} == {"dirichlet"}
+    _, jobs = sweep_jobs("compression", "quick")
+    sent = {(j["compression"]["name"], j["compression"]["fraction"], j["compression"]["bits"])
+            for j in jobs}  # fmt: skip
+    assert sent == {("none", 0.1, 8), ("topk", 0.01, 8), ("topk", 0.1, 8), ("quantize", 0.1, 8),
+                    ("quantize", 0.1, 4)}  # fmt: skip
 
 
 def test_faults_vary_one_kind_at_a_time():

@@ -122,7 +122,7 @@ def test_score_population_real_single_digit_noise(mnist, real):
     for name in ("ms", "fid", "fid_pool"):
         print(f"\n{name:8s} real / real / digit-1 / noise: {np.round(out[name], 3)}", end="")
     print()
-    assert all(v.shape == (4,) for v in out.values())
+    assert all(out[k].shape == (4,) for k in ("ms", "fid", "fid_pool", "kid"))
     assert out["ms"][0] > 9.5 and out["ms"][1] > 9.5
     assert out["ms"][2] < 1.5
     assert out["ms"][3] < 0.5 * out["ms"][0]
@@ -132,6 +132,7 @@ def test_score_population_real_single_digit_noise(mnist, real):
     assert out["fid_pool"][2:].min() > 20 * out["fid_pool"][:2].max()
     # the batched pass agrees with scoring one replica alone (uint8 input too)
     alone = score_population(mnist.test_images[:s], real)
+    assert "kid_pooled" not in alone  # one machine: nothing to pool
     for name, value in alone.items():
         np.testing.assert_allclose(value, out[name][0], rtol=1e-4)
 
@@ -150,3 +151,67 @@ def test_real_stats_cache(mnist, real, tmp_path):
     np.testing.assert_array_equal(RealStats.from_npz(path).logits.cov, first.logits.cov)
     assert again.classifier_sha256 == load_classifier().sha256 and again.num_images == 2000
     np.testing.assert_array_equal(again.pool.cov, first.pool.cov)
+
+
+def _kid_by_loops(x, y):
+    """The unbiased MMD^2 of the cubic kernel, term by term (the reference formula)."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (a @ b / d + 1.0) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_agrees_with_the_direct_formula_on_random_features():
+    from ggans.metrics import kernel_inception_distance
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 30, 5)), rng.normal(0.5, 1.0, size=(40, 5))
+    got = kernel_inception_distance(x, y)
+    assert got.shape == (2,)
+    for i in range(2):
+        assert got[i] == pytest.approx(_kid_by_loops(x[i], y), rel=1e-10)
+
+
+def test_kid_is_unbiased_for_samples_of_one_distribution():
+    from ggans.metrics import kernel_inception_distance
+
+    rng = np.random.default_rng(1)
+    same = kernel_inception_distance(rng.normal(size=(400, 50, 10)), rng.normal(size=(60, 10)))
+    shifted = kernel_inception_distance(
+        rng.normal(0.3, 1, size=(50, 10)), rng.normal(size=(60, 10))
+    )
+    print(f"\nKID of one Gaussian, 50 vs 60 samples: mean {same.mean():.4f} "
+          f"(standard error {same.std() / 20:.4f}); shifted by 0.3: {shifted:.3f}")  # fmt: skip
+    assert abs(same.mean()) < 3 * same.std() / np.sqrt(400)  # 0 in expectation
+    assert (same < 0).any()  # unbiased, so it dips below 0 (FID never does)
+    assert shifted > same.mean() + 3 * same.std()
+
+
+def test_kid_of_real_and_generated_mnist(mnist, real):
+    from ggans.metrics import KID_REAL, kernel_inception_distance
+
+    s = 1000
+    # ten sets of training images the real statistics never saw: KID's small-sample spread
+    _, held = classify(mnist.train_images[10000 : 10000 + 10 * s])
+    spread = kernel_inception_distance(held.reshape(10, s, -1), real.kid_pool)
+    test = to_model_range(mnist.test_images)
+    ones = test[mnist.test_labels == 1][:s]
+    noise = np.random.default_rng(0).uniform(-1, 1, (s, 28, 28, 1)).astype(np.float32)
+    out = score_population(np.stack([test[:s], ones, noise]), real)
+    kid = out["kid"]
+    print(f"\nKID real (10 held-out sets of 1,000): {spread.mean():.2f} +- {spread.std():.2f}; "
+          f"test / digit-1 / noise: {np.round(kid, 2)}; pooled over the three: "
+          f"KID {out['kid_pooled']:.2f}, FID {out['fid_pooled']:.2f}")  # fmt: skip
+    assert real.kid_pool.shape == (KID_REAL, 128)
+    # real against real: near 0, within a few of its spreads (one fixed real subset offsets
+    # every estimate alike); a single digit and noise hundreds of spreads away
+    assert abs(spread.mean()) < 3 * spread.std()
+    assert kid[1] > 100 * spread.std() and kid[2] > kid[1]
+    assert kid[0] < kid[1] / 20  # the test split: real digits too
+    assert kid[0] < out["kid_pooled"] < kid[2]

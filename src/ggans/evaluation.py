@@ -19,7 +19,7 @@ from ggans.gan import GanSpec, GanState, generate
 from ggans.metrics import RealStats, real_stats, score_population
 from ggans.runfolder import describe
 
-SCORES = {"ms": "max", "fid": "min", "fid_pool": "min"}  # name -> which end is best
+SCORES = {"ms": "max", "fid": "min", "fid_pool": "min", "kid": "min"}  # which end is best
 
 
 def cache_dir() -> Path:
@@ -96,6 +96,7 @@ class Evaluator:
             row[f"{name}_best_replica"] = int(
                 np.argmax(values) if best == "max" else np.argmin(values)
             )
+        row.update({k: float(scores[k]) for k in ("fid_pooled", "kid_pooled") if k in scores})
         if self.out_dir is not None and self.grid_replicas:
             shown = np.asarray(images[: self.grid_replicas, :8])
             self.last_grid = self.out_dir / "samples" / f"{grid or f'round_{r + 1:05d}'}.png"
