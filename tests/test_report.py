@@ -176,3 +176,38 @@ def test_beyond_the_paper_figures_place_runs_by_gap_alpha_and_bytes(tiny_sweep, 
     for kind in ("spectral_gap", "alpha", "labels"):
         assert files[kind].stat().st_size > 5000, kind
     assert "compression" not in files  # both compression runs sent the same bytes: one x
+
+
+def test_intervals_and_the_pair_table_on_a_made_up_sweep(tiny_sweep, tmp_path):
+    """Five seeds of two protocols whose final FIDs are made up: federated 5 below standalone
+    in every seed (a seed effect shared by both), MS equal in distribution."""
+    import numpy as np
+
+    from ggans.report import pair_table
+
+    root = tmp_path / "made_up"
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        offset = rng.normal(0, 10)
+        for protocol, shift in (("standalone", 0.0), ("federated", -5.0)):
+            copy = root / f"{protocol}-s{seed}"
+            shutil.copytree(tiny_sweep / f"{protocol}-N2-K2-iid-s0", copy)
+            settings = json.loads((copy / "run_config.json").read_text())
+            (copy / "run_config.json").write_text(json.dumps(dict(settings, seed=seed)))
+            summary = json.loads((copy / "summary.json").read_text())
+            fid = [100 + offset + shift + rng.normal(0, 0.5) for _ in range(2)]
+            summary["final"].update(fid=fid, ms=[5 + rng.normal(0, 0.5) for _ in range(2)])
+            (copy / "summary.json").write_text(json.dumps(summary))
+    runs = find_runs([root])
+    (pair,) = pair_table(runs)
+    assert (pair["a"], pair["b"], pair["fid_seeds"]) == ("standalone", "federated", 5)
+    assert pair["fid_difference"] == pytest.approx(5.0, abs=0.5)
+    assert pair["fid_excludes_0"] and pair["fid_low"] > 3 and pair["fid_high"] < 7
+    assert not pair["ms_excludes_0"]
+    files = report([root], tmp_path / "figures")
+    records = {r["protocol"]: r for r in json.loads(files["json"].read_text())}
+    fed = records["federated"]
+    assert fed["fid_ci_low"] < fed["fid_seeds_mean"] < fed["fid_ci_high"]
+    assert fed["fid_ci_high"] - fed["fid_ci_low"] > 5  # the seed effect (sd 10) shows
+    assert "| iid | 2 | 2 | standalone | federated | 5 | 4.85 [" in files["pairs"].read_text()
+    assert "Protocol pairs" in files["report"].read_text()

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ggans import intervals as intervals_mod
 from ggans.runfolder import read_jsonl
 
 PROTOCOL_ORDER = ("central", "standalone", "federated", "gossip", "gossip_ind")
@@ -637,6 +638,10 @@ def results(runs: list[Run]) -> list[dict[str, Any]]:
     ):
         ms = sum((r.final("ms") for r in members), [])
         fid = sum((r.final("fid") for r in members), [])
+        intervals = {
+            metric: intervals_mod.nested_mean(list(_by_seed(members, metric).values()))
+            for metric in ("ms", "fid", "kid")
+        }
         per_run_best = [min(r.final("fid")) for r in members if r.final("fid")]
         out.append(
             {
@@ -655,6 +660,11 @@ def results(runs: list[Run]) -> list[dict[str, Any]]:
                 "fid_mean": _ms(fid)[0],
                 "fid_std": _ms(fid)[1],
                 "fid_best": float(np.mean(per_run_best)) if per_run_best else float("nan"),
+                **{
+                    f"{metric}_{part}": value
+                    for metric, triple in intervals.items()
+                    for part, value in zip(("seeds_mean", "ci_low", "ci_high"), triple, strict=True)
+                },
                 "mb_sent_per_machine": float(
                     np.mean([r.last("bytes_sent_mean", 0.0) for r in members]) / 1e6
                 ),
@@ -673,6 +683,57 @@ def results(runs: list[Run]) -> list[dict[str, Any]]:
     return out
 
 
+def _by_seed(members: list[Run], metric: str) -> dict[int, list[float]]:
+    """Per seed, the final per-machine values of ``metric`` (one run per seed)."""
+    out: dict[int, list[float]] = {}
+    for run in members:
+        if run.final(metric):
+            out.setdefault(run.seed, []).extend(run.final(metric))
+    return out
+
+
+def pair_table(runs: list[Run]) -> list[dict[str, Any]]:
+    """For each setting (split, N, K, faults) and each pair of competitors run in it: the
+    difference of final FID and MS, paired by seed, with its 95% interval
+    (:func:`ggans.intervals.paired_difference`)."""
+    cells: dict[tuple, dict[str, list[Run]]] = defaultdict(dict)
+    for (split, n, k, competitor, drop, loss), members in group_runs(runs).items():
+        cells[(split, n, k, drop, loss)][competitor] = members
+    out = []
+    for (split, n, k, drop, loss), by in sorted(cells.items()):
+        names = sorted(by, key=_order)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                row = {"split": split, "nodes": n, "local_steps": k, "node_drop": drop,
+                       "message_loss": loss, "a": a, "b": b}  # fmt: skip
+                for metric in ("fid", "ms"):
+                    diff = intervals_mod.paired_difference(
+                        _by_seed(by[a], metric), _by_seed(by[b], metric)
+                    )
+                    row.update({f"{metric}_{key}": value for key, value in diff.items()})
+                if row["fid_seeds"]:
+                    out.append(row)
+    return out
+
+
+def pairs_markdown(pairs: list[dict[str, Any]]) -> str:
+    """The pair table: A - B of final FID and MS, mean over seeds with 95% intervals."""
+    head = (
+        "| split | N | K | A | B | seeds | FID A - B [95% CI] | excludes 0 "
+        "| MS A - B [95% CI] | excludes 0 |\n"
+        "| --- | ---: | ---: | --- | --- | ---: | --- | --- | --- | --- |\n"
+    )
+    lines = [
+        f"| {p['split']} | {p['nodes']} | {p['local_steps']} | {p['a']} | {p['b']} "
+        f"| {p['fid_seeds']} | {_fmt(p['fid_difference'])} [{_fmt(p['fid_low'])}, "
+        f"{_fmt(p['fid_high'])}] | {'yes' if p['fid_excludes_0'] else 'no'} "
+        f"| {_fmt(p['ms_difference'])} [{_fmt(p['ms_low'])}, {_fmt(p['ms_high'])}] "
+        f"| {'yes' if p['ms_excludes_0'] else 'no'} |"
+        for p in pairs
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
 def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
@@ -686,11 +747,11 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     head = (
         "| split | N | K | protocol | "
         + ("node drop | message loss | " if faulty else "")
-        + "I | runs | MS (mean ± std) | FID (mean ± std) "
+        + "I | runs | MS (mean ± std) | FID (mean ± std) | FID [95% CI over seeds] "
         "| best machine's FID | MB sent / machine | MB via server | wall (s) |\n"
         "| --- | ---: | ---: | --- | "
         + ("---: | ---: | " if faulty else "")
-        + "---: | ---: | --- | --- | ---: | ---: | ---: | ---: |\n"
+        + "---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |\n"
     )
     lines = []
     for r in records:
@@ -700,7 +761,9 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
             f"| {r['split']} | {r['nodes']} | {r['local_steps']} | {r['protocol']} {faults}"
             f"| {r['iterations']:,} | {runs} "
             f"| {_fmt(r['ms_mean'])} ± {_fmt(r['ms_std'], 2)} "
-            f"| {_fmt(r['fid_mean'])} ± {_fmt(r['fid_std'], 2)} | {_fmt(r['fid_best'])} "
+            f"| {_fmt(r['fid_mean'])} ± {_fmt(r['fid_std'], 2)} "
+            f"| [{_fmt(r['fid_ci_low'])}, {_fmt(r['fid_ci_high'])}]"
+            f"{'' if len(r['seeds']) > 1 else ' (1 seed)'} | {_fmt(r['fid_best'])} "
             f"| {_fmt(r['mb_sent_per_machine'])} | {_fmt(r['mb_server'])} "
             f"| {r['wall_time_s']:.0f} |"
         )
@@ -761,6 +824,9 @@ def report(
     records = results(runs)
     table = markdown_table(records)
     (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    pairs = pair_table(runs)
+    (out / "pairs.json").write_text(json.dumps(pairs, indent=2) + "\n")
+    (out / "pairs.md").write_text(pairs_markdown(pairs))
     figures = {k: v for k, v in drawn.items() if v is not None}
     lines = [f"# {title}\n", f"{len(runs)} runs from {', '.join(map(str, roots))}.\n"]
     lines.append(
@@ -768,11 +834,22 @@ def report(
         "`central (N=1)` is one machine with all the data.\n"
     )
     lines.append(table)
+    if pairs:
+        lines.append(
+            "Protocol pairs, final scores A - B paired by seed, with 95% intervals over seeds "
+            "(machines nested within seeds):\n"
+        )
+        lines.append(pairs_markdown(pairs))
     lines += [f"![{k}]({v.name})\n" for k, v in figures.items()]
     (out / "results.md").write_text(table)
     (out / "report.md").write_text("\n".join(lines))
     files = dict(figures)
-    files.update(table=out / "results.md", json=out / "results.json", report=out / "report.md")
+    files.update(
+        table=out / "results.md",
+        json=out / "results.json",
+        pairs=out / "pairs.md",
+        report=out / "report.md",
+    )
     return files
 
 
