@@ -47,6 +47,25 @@ class RoundSpec:
     compression: CompressionSpec = field(default_factory=CompressionSpec)
     sharding: jax.sharding.Sharding | None = None  # of the replica axis, when sharded
     chunk: int | None = None  # machines trained at once (vmapped); None: all N
+    runs: int = 1  # S independent runs (seeds) stacked: S x N replicas, block-diagonal mixing
+
+
+def stack_shards(parts: list[Shards]) -> Shards:
+    """Several runs' shards as one population's: images concatenated, each run's indices
+    offset into them, rows padded (by repeating their last index) to the widest."""
+    width = max(p.index.shape[1] for p in parts)
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + p.images.shape[0])
+    index = [
+        jnp.pad(p.index, ((0, 0), (0, width - p.index.shape[1])), mode="edge") + o
+        for p, o in zip(parts, offsets, strict=True)
+    ]
+    return Shards(
+        jnp.concatenate([p.images for p in parts]),
+        jnp.concatenate(index),
+        jnp.concatenate([p.size for p in parts]),
+    )
 
 
 class RoundInfo(struct.PyTreeNode):
@@ -234,6 +253,8 @@ def train_machines(spec: RoundSpec, state: GanState, keys: jax.Array, shards: Sh
 
 
 def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key, r, active):
+    if spec.runs > 1:
+        return _runs_round(spec, state, shards, train_key, r, active)
     n = shards.size.shape[0]
     keys, mix_key = round_keys(train_key, r, n)
     start = state if spec.compression.name == "topk" else None
@@ -241,6 +262,34 @@ def _round(spec: RoundSpec, state: GanState, shards: Shards, train_key, r, activ
     finite = _all_finite(state) & _all_finite(metrics)
     state, traffic = exchange(spec, state, mix_key, active & finite, r, start)
     return state, RoundInfo(metrics, traffic, finite)
+
+
+def _runs_round(spec: RoundSpec, state: GanState, shards: Shards, train_keys, r, active):
+    """S runs in one round: their S x N machines train as one stacked population (run s holds
+    replicas s N .. s N + N - 1, each with its own round keys), then each run exchanges within
+    itself (the block-diagonal mixing), under its own exchange key. The info has a leading
+    [S] axis."""
+    s = spec.runs
+    n = shards.size.shape[0] // s
+    keys, mix_keys = jax.vmap(round_keys, in_axes=(0, None, None))(train_keys, r, n)
+    start = state if spec.compression.name == "topk" else None
+    state, metrics = train_machines(spec, state, keys.reshape(s * n), shards)
+    finite = _all_finite(state) & _all_finite(metrics)
+
+    def blocks(x):
+        return x.reshape((s, n) + x.shape[1:])
+
+    def one_run(state, key, ok, start):
+        return exchange(spec, state, key, ok, r, start)
+
+    mixed, traffic = jax.vmap(one_run)(
+        jax.tree.map(blocks, state),
+        mix_keys,
+        blocks(active & finite),
+        None if start is None else jax.tree.map(blocks, start),
+    )
+    state = jax.tree.map(lambda x: x.reshape((s * n,) + x.shape[2:]), mixed)
+    return state, RoundInfo(jax.tree.map(blocks, metrics), traffic, blocks(finite))
 
 
 # One jitted function per set of compiler options, shared by every run in the process (and one
