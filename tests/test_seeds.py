@@ -85,6 +85,53 @@ def test_no_message_crosses_runs():
     assert info.traffic.server_in.shape == (len(SEEDS),)  # each run's own books
 
 
+def test_run_seeds_writes_each_seeds_folder_as_a_run_alone_would(mnist, tmp_path):
+    from conftest import tiny_run_config
+    from ggans.config import EvalConfig, ProtocolConfig
+    from ggans.run import run
+    from ggans.runfolder import read_jsonl
+    from ggans.seeds import run_seeds
+
+    cfg = tiny_run_config(nodes=2, chunk=2, protocol=ProtocolConfig("gossip"),
+                          eval=EvalConfig(every=2, samples=16, grid_replicas=2))  # fmt: skip
+    together = run_seeds(cfg, [0, 1], [tmp_path / "s0", tmp_path / "s1"], mnist=mnist,
+                         progress=False)  # fmt: skip
+    for seed in (0, 1):
+        alone = run(dataclasses.replace(cfg, seed=seed), tmp_path / f"alone{seed}", mnist=mnist,
+                    progress=False)  # fmt: skip
+
+        def rows(folder):
+            return [{k: v for k, v in r.items() if k != "wall_time"}
+                    for r in read_jsonl(folder / "metrics.jsonl")]  # fmt: skip
+
+        assert rows(tmp_path / f"s{seed}") == rows(tmp_path / f"alone{seed}")
+        assert together[seed]["final"] == alone["final"] and together[seed]["seed"] == seed
+        assert (tmp_path / f"s{seed}" / "samples" / "final.png").exists()
+    assert together[0]["final"]["fid"] != together[1]["final"]["fid"]
+    again = run_seeds(cfg, [0, 1], [tmp_path / "s0", tmp_path / "s1"], mnist=mnist,
+                      progress=False)  # fmt: skip
+    assert again == together  # finished runs are not redone
+
+
+def test_the_command_line_writes_one_folder_per_seed(mnist_dir, tmp_path):
+    import json
+
+    from conftest import ggans
+
+    first = tmp_path / "federated-N2-iid-s0"
+    out = ggans("model=tiny", "model.noise_dim=16", "model.batch_size=8", "nodes=2",
+                "iterations=4", "local_steps=2", "eval.every=0", "data.fraction=0.01",
+                "protocol=federated", "seeds=2", f"hydra.run.dir={first}",
+                data_dir=mnist_dir)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    for seed in (0, 1):
+        folder = tmp_path / f"federated-N2-iid-s{seed}"
+        assert json.loads((folder / "run_config.json").read_text())["seed"] == seed
+        assert json.loads((folder / "summary.json").read_text())["seed"] == seed
+    bad = ggans("seeds=0", f"hydra.run.dir={tmp_path / 'bad'}", data_dir=mnist_dir)
+    assert bad.returncode == 2 and "seeds=0: must be an integer >= 1" in bad.stderr
+
+
 @pytest.fixture(autouse=True)
 def _release_programs():
     """Each case compiles two rounds; release them (XLA CPU's memory maps, see conftest)."""

@@ -49,6 +49,7 @@ class CliConfig(RunConfig):
     resume: Any = "auto"  # auto: continue when the run folder holds a checkpoint | true | false
     progress: Any = "auto"  # auto (a bar on a terminal) | true | false
     distributed: bool = False  # multi-host: call jax.distributed.initialize() first
+    seeds: int = 1  # S runs, seeds seed .. seed + S - 1, in one program, one folder each
 
 
 EDGE_KEYS = tuple(
@@ -245,14 +246,20 @@ def _task(cfg: DictConfig) -> None:
         resume = cfg.get("resume", "auto")
         if resume is True and not (out / "checkpoints").is_dir():
             out = latest_unfinished(out)
-        log.info("%s: run folder %s", run_cfg.name, out)
-        session = prepare(run_cfg, out, resume=resume)
-        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         logger = dict(container.get("logger") or {})
         choices = HydraConfig.get().runtime.choices
         if not logger.get("group") and choices.get("experiment"):
             quick = "-quick" if choices.get("scale") == "quick" else ""
             logger["group"] = f"{choices['experiment']}{quick}"
+        seeds = cfg.get("seeds", 1)
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise GGansError(f"seeds={seeds!r}: must be an integer >= 1")
+        if seeds > 1:
+            _run_seeds(cfg, run_cfg, seeds, out, resume, logger)
+            return
+        log.info("%s: run folder %s", run_cfg.name, out)
+        session = prepare(run_cfg, out, resume=resume)
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         loggers = make_loggers(logger, run_cfg, out, container)
         summary = session.train(progress=cfg.get("progress", "auto"), loggers=loggers)
         scores = " ".join(
@@ -285,6 +292,51 @@ def _task(cfg: DictConfig) -> None:
         if fresh and out != made:
             _remove_refused(made)
         _release_compiled_programs()
+
+
+def _run_seeds(cfg: DictConfig, run_cfg, seeds: int, out: Path, resume, logger: dict) -> list:
+    """``seeds=S``: seeds seed .. seed + S - 1 in one program (:func:`ggans.seeds.run_seeds`),
+    each in the folder (and W&B run) its own seed's name gives it."""
+    from ggans.seeds import run_seeds
+    from ggans.tracking import make_loggers
+
+    jobs = []
+    for seed in range(run_cfg.seed, run_cfg.seed + seeds):
+        one = cfg.copy()
+        OmegaConf.update(one, "seed", seed)
+        container = OmegaConf.to_container(one, resolve=True)
+        name = container["name"]
+        folder = Path(str(out).replace(run_cfg.name, name)) if run_cfg.name in str(out) else (
+            out.parent / f"{out.name}-s{seed}"
+        )  # fmt: skip
+        jobs.append((seed, folder, container, run_config(container)))
+    by_folder = {}
+    for _, folder, container, rc in jobs:
+        log.info("%s: run folder %s", container["name"], folder)
+        by_folder[Path(folder).absolute()] = (container, rc)
+
+    def loggers(run):
+        folder = Path(run.folder.path).absolute()
+        container, rc = by_folder[folder]
+        OmegaConf.save(OmegaConf.create(container), folder / "config.yaml")
+        return make_loggers(logger, rc, folder, container)
+
+    summaries = run_seeds(
+        run_cfg,
+        [seed for seed, *_ in jobs],
+        [folder for _, folder, *_ in jobs],
+        loggers=loggers,
+        progress=cfg.get("progress", "auto"),
+        resume=resume,
+    )
+    for (_, folder, container, _), summary in zip(jobs, summaries, strict=True):
+        scores = " ".join(
+            f"{k}={summary['final'][k]:.4g}"
+            for k in ("ms_mean", "fid_mean")
+            if k in summary["final"]
+        )
+        log.info("%s: done %s; outputs in %s", container["name"], scores, folder)
+    return summaries
 
 
 def _release_compiled_programs() -> None:

@@ -103,22 +103,30 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
 
 
-def prepare(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str = "auto", mnist=None) -> Run:
+def prepare(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool | str = "auto",
+    mnist=None,
+    fit: bool = True,
+) -> Run:
     """Lock the folder, check it, the data and the memory, and build (or restore) the state
     and the round. Nothing else is written, and a refused run leaves no trace (a folder it
     made is removed). ``resume``: ``"auto"`` continues from the folder's latest checkpoint when
     there is one, ``True`` requires one, ``False`` refuses a used folder. ``mnist``: the
-    dataset's images, when already loaded."""
+    dataset's images, when already loaded. ``fit=False`` skips compiling the round (for
+    :func:`ggans.seeds.run_seeds`, which compiles one round for all its runs)."""
     folder = RunFolder(out_dir, cfg)
     folder.lock()
     try:
-        return _prepare(cfg, folder, resume, mnist)
+        return _prepare(cfg, folder, resume, mnist, fit)
     except BaseException:
         folder.abandon()
         raise
 
 
-def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist) -> Run:
+def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist, fit: bool) -> Run:
     done = folder.check(resume)
     summary = folder.summary()
     if done is not None and done >= cfg.rounds and summary is not None:
@@ -141,7 +149,8 @@ def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist) -> Ru
         )
     train_key = run_keys(cfg.seed)[0]
     spec = dataclasses.replace(cfg.round_spec, sharding=sharding)
-    spec = memory.fit_round(spec, partial(lower_round, state, shards, train_key), cfg.nodes)
+    if fit:
+        spec = memory.fit_round(spec, partial(lower_round, state, shards, train_key), cfg.nodes)
     return Run(cfg, folder, mnist, shards, state, spec, resumed=done)
 
 
@@ -171,6 +180,38 @@ class Run:
             self.folder.close()
             log.info("%s: already finished; outputs in %s", cfg.name, self.folder.path)
             return self.finished
+        self.open(evaluator, loggers)
+        train_key, _ = run_keys(cfg.seed)
+        rounds = iterate_rounds(
+            self.spec,
+            self.state,
+            self.shards,
+            train_key,
+            cfg.rounds,
+            self.start,
+            active=lambda: jnp.asarray(~self.excluded),
+        )
+        bar = progress_bar(cfg.rounds, initial=self.start, enabled=progress, desc=cfg.name)
+        try:
+            with log_through(bar), stop_on_signals() as stop:
+                for r, state, info in rounds:
+                    self.state = state
+                    row = self.record(r, info)
+                    bar.set_postfix(_postfix(row), refresh=False)
+                    bar.update(1)
+                    if stop.signum and r + 1 < cfg.rounds:
+                        self.folder.checkpoint(r + 1, False, self.state, self._meta(), True)
+                        raise Interrupted(stop.signum, r + 1, self.folder.path)
+            bar.close()
+            return self.finish()
+        finally:
+            bar.close()
+            self.folder.close()
+
+    def open(self, evaluator: Evaluator | str | None = "auto", loggers: Sequence[Logger] = ()):
+        """Write the settings, restore the latest checkpoint (if resuming) and set up the
+        books: what :meth:`record` and :meth:`finish` need."""
+        cfg = self.cfg
         self.folder.begin()
         self._write_labels()
         self.cum = {
@@ -210,32 +251,7 @@ class Run:
             cfg.model.precision,
             self.spec.chunk or cfg.nodes,
         )
-        train_key, self.eval_key = run_keys(cfg.seed)
-        rounds = iterate_rounds(
-            self.spec,
-            self.state,
-            self.shards,
-            train_key,
-            cfg.rounds,
-            self.start,
-            active=lambda: jnp.asarray(~self.excluded),
-        )
-        bar = progress_bar(cfg.rounds, initial=self.start, enabled=progress, desc=cfg.name)
-        try:
-            with log_through(bar), stop_on_signals() as stop:
-                for r, state, info in rounds:
-                    self.state = state
-                    row = self.record(r, info)
-                    bar.set_postfix(_postfix(row), refresh=False)
-                    bar.update(1)
-                    if stop.signum and r + 1 < cfg.rounds:
-                        self.folder.checkpoint(r + 1, False, self.state, self._meta(), True)
-                        raise Interrupted(stop.signum, r + 1, self.folder.path)
-            bar.close()
-            return self.finish()
-        finally:
-            bar.close()
-            self.folder.close()
+        self.eval_key = run_keys(cfg.seed)[1]
 
     def _evaluator(self, evaluator: Evaluator | str | None) -> Evaluator | None:
         if evaluator != "auto":
