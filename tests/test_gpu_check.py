@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -48,3 +50,32 @@ def test_report_ratios_and_the_fastest_candidate():
     assert "| wgan_gp | flax | default | 100 | 900 | 1.5x | 4x |" in text
     assert "killed by signal 9" in text
     assert "PyTorch loop, N = 10: 200.0 replica-steps/s" in text
+
+
+@pytest.mark.slow  # 50 s: runs until its 40 s deadline
+def test_gpu_reproduce_runs_its_plan_and_packs_small_archives(mnist_dir, tmp_path):
+    """The GPU reproduction's driver on a CPU (--smoke: tiny model, 4 iterations), without
+    Hydra, OmegaConf or W&B, stopped by its deadline part-way."""
+    import json
+    import os
+    import tarfile
+
+    code = f"""
+import sys, runpy
+for m in ("hydra", "omegaconf", "wandb", "tensorflow_datasets"):
+    sys.modules[m] = None
+sys.argv = ["gpu_reproduce.py", {str(tmp_path)!r}, "--smoke", "--seeds", "2", "--deadline", "40"]
+runpy.run_path("benchmarks/gpu_reproduce.py", run_name="__main__")
+"""
+    env = dict(os.environ, GGANS_DATA_DIR=str(mnist_dir), PYTHONPATH=str(ROOT / "src"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    status = [c["status"] for c in plan["cells"]]
+    assert status[0] == "finished" and len(status) == 17
+    assert any(s == "not reached" or s.startswith("stopped") for s in status)  # the deadline
+    with tarfile.open(tmp_path / "non_iid.tar.gz") as tar:
+        names = tar.getnames()
+    assert "non_iid/standalone-N10-non_iid-s1/summary.json" in names
+    assert not any("checkpoints" in n for n in names)
