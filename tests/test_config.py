@@ -38,7 +38,7 @@ def test_the_tiny_model_and_an_experiment_override_the_schema():
     c = composed("experiment=quick")
     assert c["model"]["arch"] == "tiny" and c["nodes"] == 4 and c["eval"]["samples"] == 500
     assert c["model"]["g_lr"] == RunConfig().model.g_lr
-    assert set(EDGE_KEYS) == {"logger", "resume", "progress", "distributed"}
+    assert set(EDGE_KEYS) == {"logger", "resume", "progress", "distributed", "seeds"}
 
 
 def test_an_unknown_nested_key_is_named_with_the_keys_allowed():

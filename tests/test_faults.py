@@ -261,7 +261,7 @@ def scored_whole(mnist, tmp_path_factory):
         pytest.param("checkpoint_tmp", marks=pytest.mark.slow),
         pytest.param("checkpoint_finalize", marks=pytest.mark.slow),
         pytest.param("final_grid", marks=pytest.mark.slow),
-        "summary",
+        pytest.param("summary", marks=pytest.mark.slow),
     ],
 )
 def test_kill_9_at_each_write_point_resumes_to_the_uninterrupted_run(

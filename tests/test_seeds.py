@@ -46,12 +46,11 @@ def alone_and_together(spec: RoundSpec):
     return alone, (state, infos)
 
 
-# 45 s a case on 2 cores: gossip under faults and federated in CI, the others slow
-CASES = [
-    pytest.param(p, Faults(), marks=() if p == "federated" else pytest.mark.slow)
-    for p in protocols.names()
-] + [pytest.param("gossip", Faults(0.3, 0.3)), pytest.param("federated", Faults(0.3, 0.3),
-                                                            marks=pytest.mark.slow)]  # fmt: skip
+# 45 s a case on 2 cores: gossip under faults in CI, the others slow
+CASES = [pytest.param(p, Faults(), marks=pytest.mark.slow) for p in protocols.names()] + [
+    pytest.param("gossip", Faults(0.3, 0.3)),
+    pytest.param("federated", Faults(0.3, 0.3), marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("protocol, faults", CASES)
@@ -113,6 +112,7 @@ def test_run_seeds_writes_each_seeds_folder_as_a_run_alone_would(mnist, tmp_path
     assert again == together  # finished runs are not redone
 
 
+@pytest.mark.slow  # 20 s; run_seeds itself is tested above
 def test_the_command_line_writes_one_folder_per_seed(mnist_dir, tmp_path):
     import json
 
