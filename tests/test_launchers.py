@@ -27,6 +27,7 @@ def _span(log: Path) -> tuple[datetime, datetime]:
     return first, last
 
 
+@pytest.mark.slow  # 30 s: two jobs end to end in joblib workers
 def test_joblib_launcher_runs_an_experiment_two_jobs_side_by_side(mnist_dir, tmp_path):
     """The faults experiment through hydra-joblib-launcher: its jobs overlap in time, each in
     its fixed folder; a rerun finds both finished and redoes neither."""

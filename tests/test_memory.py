@@ -33,6 +33,7 @@ def _need(lower, chunk):
     return resident + stats.temp_size_in_bytes
 
 
+@pytest.mark.slow  # 30 s: three compiles of the round
 def test_the_largest_chunk_that_fits_is_chosen(lower):
     spec = RoundSpec(gan=TINY, local_steps=2)
     whole, half, one = _need(lower, None), _need(lower, 2), _need(lower, 1)
