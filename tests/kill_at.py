@@ -25,22 +25,13 @@ POINTS = ("metrics", "checkpoint_tmp", "checkpoint_finalize", "final_grid", "sum
 def config():
     """Three rounds of two steps, three gossiping machines, scored on 64 samples each round
     (a sample grid of two machines), a checkpoint every round."""
-    from ggans.config import (
-        CheckpointConfig,
-        DataConfig,
-        EvalConfig,
-        ProtocolConfig,
-        RunConfig,
-    )
-    from ggans.gan import GanSpec
+    from conftest import tiny_run_config
+    from ggans.config import CheckpointConfig, EvalConfig, ProtocolConfig
 
-    return RunConfig(
+    return tiny_run_config(
         nodes=3,
         protocol=ProtocolConfig("gossip"),
-        local_steps=2,
         iterations=6,
-        model=GanSpec(arch="tiny", noise_dim=16, batch_size=8),
-        data=DataConfig(fraction=0.01),
         eval=EvalConfig(every=1, samples=64, grid_replicas=2),
         checkpoint=CheckpointConfig(1),
     )

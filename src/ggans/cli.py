@@ -262,12 +262,7 @@ def _task(cfg: DictConfig) -> None:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         loggers = make_loggers(logger, run_cfg, out, container)
         summary = session.train(progress=cfg.get("progress", "auto"), loggers=loggers)
-        scores = " ".join(
-            f"{k}={summary['final'][k]:.4g}"
-            for k in ("ms_mean", "fid_mean")
-            if k in summary["final"]
-        )
-        log.info("%s: done%s; outputs in %s", run_cfg.name, f" {scores}" if scores else "", out)
+        _log_done(run_cfg.name, summary, out)
     except Interrupted as err:  # the round's records and checkpoint are saved
         print(f"ggans: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
@@ -330,13 +325,16 @@ def _run_seeds(cfg: DictConfig, run_cfg, seeds: int, out: Path, resume, logger: 
         resume=resume,
     )
     for (_, folder, container, _), summary in zip(jobs, summaries, strict=True):
-        scores = " ".join(
-            f"{k}={summary['final'][k]:.4g}"
-            for k in ("ms_mean", "fid_mean")
-            if k in summary["final"]
-        )
-        log.info("%s: done %s; outputs in %s", container["name"], scores, folder)
+        _log_done(container["name"], summary, folder)
     return summaries
+
+
+def _log_done(name: str, summary: dict, out: Path) -> None:
+    """One line at a run's end: its final mean scores and where its outputs are."""
+    scores = " ".join(
+        f"{k}={summary['final'][k]:.4g}" for k in ("ms_mean", "fid_mean") if k in summary["final"]
+    )
+    log.info("%s: done%s; outputs in %s", name, f" {scores}" if scores else "", out)
 
 
 def _release_compiled_programs() -> None:

@@ -64,9 +64,10 @@ def deal(cfg: RunConfig, images: Images) -> list[np.ndarray]:
     return split_indices(labels, cfg.nodes, cfg.data.split, cfg.seed, pool, classes, cfg.data)
 
 
-def make_shards(cfg: RunConfig, images: Images) -> Shards:
-    """Every machine's share of the training images, as device arrays."""
-    index, size = pad_shards(deal(cfg, images))
+def make_shards(cfg: RunConfig, images: Images, parts: list[np.ndarray] | None = None) -> Shards:
+    """Every machine's share of the training images (``parts``, default :func:`deal`'s), as
+    device arrays."""
+    index, size = pad_shards(deal(cfg, images) if parts is None else parts)
     return Shards(jnp.asarray(images.train_images), jnp.asarray(index), jnp.asarray(size))
 
 
@@ -137,7 +138,10 @@ def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist, fit: 
     sharding = replica_sharding(cfg.nodes) if cfg.shard else None
     state_shape = replicas_shape(cfg.model, cfg.nodes, cfg.init)
     memory.check_state_fits(state_shape, mnist.train_images.nbytes, cfg.nodes)
-    shards = make_shards(cfg, mnist)
+    parts = deal(cfg, mnist)
+    shards = make_shards(cfg, mnist, parts)
+    classes = datasets.classes(cfg.data.name, mnist)
+    labels = histogram(mnist.train_labels, parts, classes)
     state = init_replicas(cfg.model, jax.random.key(cfg.seed), cfg.nodes, cfg.init)
     state = training.with_exchange_memory(cfg.round_spec, state)
     if sharding is not None:
@@ -151,7 +155,7 @@ def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist, fit: 
     spec = dataclasses.replace(cfg.round_spec, sharding=sharding)
     if fit:
         spec = memory.fit_round(spec, partial(lower_round, state, shards, train_key), cfg.nodes)
-    return Run(cfg, folder, mnist, shards, state, spec, resumed=done)
+    return Run(cfg, folder, mnist, shards, state, spec, resumed=done, labels=labels)
 
 
 @dataclasses.dataclass
@@ -166,6 +170,7 @@ class Run:
     spec: RoundSpec | None = None
     resumed: int | None = None  # rounds of the checkpoint to continue from
     finished: dict[str, Any] | None = None  # the summary of a run that is already done
+    labels: np.ndarray | None = None  # [N, classes] each machine's label histogram
 
     def train(
         self,
@@ -316,17 +321,10 @@ class Run:
         fid[self.excluded] = np.inf
         best = int(np.argmin(fid))
         mixing = protocols.best_couple(self.cfg.nodes, best)
-        s = self.state
-        couple = dataclasses.replace(
-            s,
-            g_params=protocols.mix(mixing, s.g_params),
-            g_state=protocols.mix(mixing, s.g_state),
-            d_params=protocols.mix(mixing, s.d_params),
-            d_state=protocols.mix(mixing, s.d_state),
-        )
+        couple = training.mix_models(self.state, mixing, mixing)
         key = jax.random.fold_in(self.eval_key, self.cfg.rounds)
         scores = self.evaluator(couple, key, self.cfg.rounds, grid="best_couple")
-        g, d = message_bytes(s, False)
+        g, d = message_bytes(self.state, False)
         return {
             "machine": best,
             "bytes_sent": float(mixing.sent.sum()) * (g + d),
@@ -338,9 +336,10 @@ class Run:
         path = self.folder.path / "labels.json"
         if path.exists():
             return
-        classes = datasets.classes(self.cfg.data.name, self.mnist)
-        counts = histogram(self.mnist.train_labels, deal(self.cfg, self.mnist), classes)
-        write_json(path, {"split": self.cfg.data.split, "classes": classes, "counts": counts})
+        write_json(
+            path,
+            {"split": self.cfg.data.split, "classes": self.labels.shape[1], "counts": self.labels},
+        )
 
     def _meta(self) -> dict[str, Any]:
         return {"cum": self.cum, "excluded": self.excluded}

@@ -148,14 +148,27 @@ def exchange(
         return state, traffic
     if spec.compression.active:
         mixed = _mix_compressed(spec.compression, state, start, g_mix, d_mix, key)
-        if spec.sharding is not None:
-            mixed = jax.lax.with_sharding_constraint(mixed, spec.sharding)
-        return mixed, traffic
-    mix = partial(protocols.mix, form=spec.form)
+    else:
+        mixed = mix_models(state, g_mix, d_mix, spec.form, spec.mix_optimizer)
+    if spec.sharding is not None:  # keep the mixed state sharded like its input
+        mixed = jax.lax.with_sharding_constraint(mixed, spec.sharding)
+    return mixed, traffic
+
+
+def mix_models(
+    state: GanState,
+    g_mix: protocols.Mixing,
+    d_mix: protocols.Mixing,
+    form: str = "auto",
+    mix_optimizer: bool = False,
+) -> GanState:
+    """G's parameters and collections mixed by ``g_mix``, D's by ``d_mix`` (and the Adam
+    states too if ``mix_optimizer``); everything else kept."""
+    mix = partial(protocols.mix, form=form)
     g_opt, d_opt = state.g_opt, state.d_opt
-    if spec.mix_optimizer:
+    if mix_optimizer:
         g_opt, d_opt = mix(g_mix, g_opt), mix(d_mix, d_opt)
-    mixed = GanState(
+    return state.replace(
         g_params=mix(g_mix, state.g_params),
         g_state=mix(g_mix, state.g_state),
         d_params=mix(d_mix, state.d_params),
@@ -163,9 +176,6 @@ def exchange(
         g_opt=g_opt,
         d_opt=d_opt,
     )
-    if spec.sharding is not None:  # keep the mixed state sharded like its input
-        mixed = jax.lax.with_sharding_constraint(mixed, spec.sharding)
-    return mixed, traffic
 
 
 # Compression's random draws (stochastic rounding) come from the exchange key folded with this.
