@@ -20,7 +20,7 @@ run: install  ## the paper's settings (GPU-sized); pass ARGS="protocol=federated
 	$(BIN)/python -m ggans $(ARGS)
 
 test: install  ## the test suite (slow tests excluded), as CI runs it
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n 2
 
 test-all: install  ## every test, slow ones included
 	$(BIN)/python -m pytest
@@ -48,6 +48,7 @@ clean:  ## remove caches and run outputs (keeps outputs/.gitkeep)
 LOGGER ?= wandb
 ARGS ?=
 SCALE ?= paper
+SEEDS ?= 5
 GGANS := $(BIN)/python -m ggans -m logger=$(LOGGER)
 EXPERIMENTS_DIR := outputs/experiments
 
@@ -58,9 +59,9 @@ reproduce-paper: $(BIN)/python  ## Figures 2-5 at the paper's scale (GPU), then 
 	$(GGANS) experiment=non_iid $(ARGS) || s=$$?; \
 	$(MAKE) --no-print-directory figures SCALE=paper; exit $$s
 
-reproduce-paper-quick: $(BIN)/python  ## the same, CPU-sized (tiny model, 1-5% of MNIST)
-	$(GGANS) experiment=scalability scale=quick $(ARGS); s=$$?; \
-	$(GGANS) experiment=non_iid scale=quick $(ARGS) || s=$$?; \
+reproduce-paper-quick: $(BIN)/python  ## the same, CPU-sized (small model, 1-5% of MNIST), 5 seeds
+	$(GGANS) experiment=scalability scale=quick seeds=$(SEEDS) $(ARGS); s=$$?; \
+	$(GGANS) experiment=non_iid scale=quick seeds=$(SEEDS) $(ARGS) || s=$$?; \
 	$(MAKE) --no-print-directory figures SCALE=quick; exit $$s
 
 k-sweep: $(BIN)/python  ## beyond the paper: K in {50, 200, 1000} at N = 10 (GPU)

@@ -57,7 +57,7 @@ def test_experiment_expands_to_its_jobs_in_fixed_folders(experiment, scale):
     for job in jobs:
         cfg = run_config(job)  # valid
         if scale == "quick":
-            assert cfg.model.arch == "tiny" and cfg.iterations == 1200
+            assert cfg.model.arch == "small" and cfg.iterations == 1200
             assert cfg.eval.samples == 200
         else:
             assert cfg.model.arch == "paper" and cfg.iterations == 20000

@@ -1,4 +1,4 @@
-"""The paper's and tiny models: shapes, ranges, parameter counts, state layout."""
+"""The paper, small and tiny models: shapes, ranges, parameter counts, state layout."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ def n_params(tree):
     return sum(x.size for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("arch", ["tiny", "paper"])
+@pytest.mark.parametrize("arch", ["tiny", "small", "paper"])
 def test_shapes_and_ranges(arch):
     spec = GanSpec(arch=arch)
     state = init_gan(spec, jax.random.key(0))

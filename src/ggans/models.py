@@ -103,6 +103,13 @@ def tiny() -> Architecture:
     return tf_mnist_gan(Arch(g_dense=64, g_base=16, g_convs=(16, 8), d_convs=(8, 16), d_dense=64))
 
 
+@register("small")
+def small() -> Architecture:
+    return tf_mnist_gan(
+        Arch(g_dense=256, g_base=32, g_convs=(32, 16), d_convs=(16, 32), d_dense=256)
+    )
+
+
 #: How the layers' products run: ``default`` is JAX's own (exact float32 on a CPU; TF32 on
 #: recent NVIDIA GPUs), ``highest`` exact float32 everywhere, ``bf16`` bfloat16 operands and
 #: outputs of the products, with float32 parameters and every other operation.
