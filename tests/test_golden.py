@@ -47,10 +47,20 @@ def assert_rows_close(got, want, rtol: float = 1e-4) -> None:
     for g, w in zip(got, want, strict=True):
         assert sorted(g) == sorted(w)
         for key, value in w.items():
-            if isinstance(value, float) and not math.isnan(value):
-                assert g[key] == pytest.approx(value, rel=rtol, abs=1e-6), (w["round"], key)
-            else:
-                assert g[key] == value, (w["round"], key)
+            assert _close(g[key], value, rtol), (w["round"], key, g[key], value)
+
+
+def _close(got, want, rtol: float) -> bool:
+    """Floats (alone or in per-machine lists) to ``rtol``; everything else exactly."""
+    if isinstance(want, list):
+        return (
+            isinstance(got, list)
+            and len(got) == len(want)
+            and all(_close(a, b, rtol) for a, b in zip(got, want, strict=True))
+        )
+    if isinstance(want, float) and not math.isnan(want):
+        return isinstance(got, float) and got == pytest.approx(want, rel=rtol, abs=1e-6)
+    return got == want
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def test_the_largest_chunk_that_fits_is_chosen(lower):
         memory.fit_round(spec, lower, N, budget=one - 1)
 
 
+@pytest.mark.slow  # 26 s on 2 cores
 def test_an_explicit_chunk_is_checked_not_changed(lower):
     spec = RoundSpec(gan=TINY, local_steps=2, chunk=2)
     assert memory.fit_round(spec, lower, N, budget=_need(lower, 2)).chunk == 2

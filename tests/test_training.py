@@ -36,7 +36,7 @@ def assert_trees_close(a, b, steps=3, lr=1e-3):
 @pytest.mark.parametrize(
     "protocol,impl",
     [
-        ("gossip_ind", "patches"),
+        pytest.param("gossip_ind", "patches", marks=pytest.mark.slow),  # 45 s; flax runs it
         ("federated", "patches"),
         ("gossip_ind", "flax"),
         ("federated", "cpu"),
@@ -152,6 +152,7 @@ print("fewer" if fewer else "more", "same" if same else "different")
 """
 
 
+@pytest.mark.slow  # 26 s on 2 cores
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options only")
 def test_cpu_compiler_options_keep_fewer_copies_and_the_same_result():
     """With the CPU plug-in the round is compiled with its ``COMPILER_OPTIONS``: fewer buffer
