@@ -7,10 +7,11 @@ variable collections besides ``params`` each keeps (the generator's batch statis
 discriminator with spectral norm or batch norm would name its own). Register one with
 ``@register("name")`` on a function returning it.
 
-``paper`` is the published model; ``tiny`` keeps its shapes with narrow layers, for tests and
-quick runs. The layers come from the layer set named by ``impl`` (:mod:`ggans.impls`): each
-computes the same function with the same parameters. ``precision`` sets how the layers' matrix
-products run (:data:`PRECISIONS`).
+``paper`` is the published model; ``small`` keeps its shapes at a quarter of its width (the
+quick scale's) and ``tiny`` narrower still (tests, ``experiment=quick``). The layers come
+from the layer set named by ``impl`` (:mod:`ggans.impls`): each computes the same function
+with the same parameters. ``precision`` sets how the layers' matrix products run
+(:data:`PRECISIONS`).
 """
 
 from __future__ import annotations
