@@ -100,7 +100,7 @@ def main() -> int:
         names = [f"{protocol}-N{n}-{split}-s{s}" for s in range(args.seeds)]
         folders = [out / "runs" / experiment / name for name in names]
         try:
-            run_seeds(cfg, list(range(args.seeds)), folders, progress=False)
+            run_seeds(cfg, list(range(args.seeds)), folders, progress=False, names=names)
             entry["status"] = "finished"
         except Interrupted as err:
             entry["status"] = f"stopped at the deadline ({err})"

@@ -105,6 +105,7 @@ def test_run_seeds_writes_each_seeds_folder_as_a_run_alone_would(mnist, tmp_path
 
         assert rows(tmp_path / f"s{seed}") == rows(tmp_path / f"alone{seed}")
         assert together[seed]["final"] == alone["final"] and together[seed]["seed"] == seed
+        assert together[seed]["name"] == f"{cfg.name}-s{seed}"
         assert (tmp_path / f"s{seed}" / "samples" / "final.png").exists()
     assert together[0]["final"]["fid"] != together[1]["final"]["fid"]
     again = run_seeds(cfg, [0, 1], [tmp_path / "s0", tmp_path / "s1"], mnist=mnist,
@@ -127,7 +128,8 @@ def test_the_command_line_writes_one_folder_per_seed(mnist_dir, tmp_path):
     for seed in (0, 1):
         folder = tmp_path / f"federated-N2-iid-s{seed}"
         assert json.loads((folder / "run_config.json").read_text())["seed"] == seed
-        assert json.loads((folder / "summary.json").read_text())["seed"] == seed
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["seed"] == seed and summary["name"] == folder.name
     bad = ggans("seeds=0", f"hydra.run.dir={tmp_path / 'bad'}", data_dir=mnist_dir)
     assert bad.returncode == 2 and "seeds=0: must be an integer >= 1" in bad.stderr
 

@@ -323,6 +323,7 @@ def _run_seeds(cfg: DictConfig, run_cfg, seeds: int, out: Path, resume, logger: 
         loggers=loggers,
         progress=cfg.get("progress", "auto"),
         resume=resume,
+        names=[container["name"] for _, _, container, _ in jobs],
     )
     for (_, folder, container, _), summary in zip(jobs, summaries, strict=True):
         _log_done(container["name"], summary, folder)

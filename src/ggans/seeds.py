@@ -12,6 +12,7 @@ convolutions in another order, which float rounding and Adam's first steps make 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,8 @@ from ggans.progress import log_through, progress_bar
 from ggans.run import Interrupted, Logger, Run, _postfix, prepare, run_keys, stop_on_signals
 from ggans.training import lower_round, make_round, stack_shards
 
+log = logging.getLogger("ggans")
+
 
 def run_seeds(
     cfg: RunConfig,
@@ -39,14 +42,17 @@ def run_seeds(
     progress: bool | str = "auto",
     resume: bool | str = "auto",
     mnist=None,
+    names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``cfg`` once per seed, run ``seeds[i]`` in ``out_dirs[i]``, all in one program;
-    return the summaries. ``loggers(run)`` gives each run its loggers. Runs already finished
-    are not redone; the others must resume from the same round."""
+    """Train ``cfg`` once per seed, run ``seeds[i]`` named ``names[i]`` (default
+    ``{cfg.name}-s{seed}``) in ``out_dirs[i]``, all in one program; return the summaries.
+    ``loggers(run)`` gives each run its loggers. Runs already finished are not redone; the
+    others must resume from the same round."""
+    names = [f"{cfg.name}-s{seed}" for seed in seeds] if names is None else names
     runs: list[Run] = []
     try:
-        for seed, out in zip(seeds, out_dirs, strict=True):
-            run = prepare(dataclasses.replace(cfg, seed=seed), out, resume=resume,
+        for seed, out, name in zip(seeds, out_dirs, names, strict=True):
+            run = prepare(dataclasses.replace(cfg, seed=seed, name=name), out, resume=resume,
                           mnist=mnist, fit=False)  # fmt: skip
             mnist = run.mnist if run.mnist is not None else mnist
             runs.append(run)
@@ -83,6 +89,8 @@ def _train_together(runs: list[Run], progress: bool | str) -> dict[int, dict[str
     spec = dataclasses.replace(first.spec, runs=s, sharding=None)
     spec = memory.fit_round(spec, partial(lower_round, state, shards, keys), s * n)
     round_fn = make_round(spec)
+    log.info("%s x%d: %d machines in one program, %s trained at once", cfg.name, s, s * n,
+             spec.chunk or s * n)  # fmt: skip
     for run in runs:
         run.state = None  # the population holds them now
     bar = progress_bar(cfg.rounds, initial=start, enabled=progress, desc=f"{cfg.name} x{s}")
