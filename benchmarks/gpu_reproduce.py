@@ -86,13 +86,24 @@ def main() -> int:
     from ggans.seeds import run_seeds
 
     t0 = time.monotonic()
-    timer = threading.Timer(args.deadline, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    timer.daemon = True
-    timer.start()
+    late, over = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: late.set())  # between runs' loops
+
+    def ring() -> None:
+        """From the deadline on, SIGTERM every few seconds until the cells are over: a
+        signal that lands while a run compiles (outside its loop's handler) must not let
+        that run train to the end."""
+        if not over.wait(args.deadline):
+            while not over.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+                over.wait(5.0)
+
+    threading.Thread(target=ring, daemon=True).start()
     plan: list[dict] = []
     stopped = False
     for experiment, n, split, protocol in cells():
         entry = {"experiment": experiment, "nodes": n, "protocol": protocol, "seeds": args.seeds}
+        stopped = stopped or late.is_set()
         if stopped:
             plan.append(dict(entry, status="not reached"))
             continue
@@ -110,7 +121,7 @@ def main() -> int:
         entry["elapsed_s"] = round(time.monotonic() - t0, 1)
         plan.append(entry)
         print(json.dumps(entry), flush=True)
-    timer.cancel()
+    over.set()
     packed = [str(p) for e in ("non_iid", "scalability") if (p := pack(out, e))]
     (out / "plan.json").write_text(json.dumps({"cells": plan, "packed": packed}, indent=2) + "\n")
     print("packed:", ", ".join(packed))
