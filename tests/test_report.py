@@ -8,9 +8,10 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
+from ggans import protocols
 from ggans.config import DataConfig, EvalConfig, ProtocolConfig, RunConfig
 from ggans.gan import GanSpec
-from ggans.report import find_runs, main, report
+from ggans.report import color_of, find_runs, main, report
 
 FIGURES = (
     "fig2_scores.png",
@@ -211,3 +212,10 @@ def test_intervals_and_the_pair_table_on_a_made_up_sweep(tiny_sweep, tmp_path):
     assert fed["fid_ci_high"] - fed["fid_ci_low"] > 5  # the seed effect (sd 10) shows
     assert "| iid | 2 | 2 | standalone | federated | 5 | 4.85 [" in files["pairs"].read_text()
     assert "Protocol pairs" in files["report"].read_text()
+
+
+def test_every_registered_protocol_has_its_own_colour():
+    # neighbourhood once fell back to matplotlib's first colour, federated's blue.
+    colours = [color_of(name) for name in (*protocols.names(), "central")]
+    assert len(set(colours)) == len(colours)
+    assert color_of("federated") == "tab:blue"

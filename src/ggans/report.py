@@ -47,6 +47,20 @@ COLORS = {
     "gossip": "tab:green",
     "gossip_ind": "tab:orange",
 }
+# Protocols beyond the paper's (neighbourhood, swap_d, a user's own) get the rest, in a fixed
+# order by name, so that no two protocols of one figure share a colour.
+SPARE_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def color_of(protocol: str) -> str:
+    """The protocol's colour: the paper's protocols fixed, any other by its registered name."""
+    if protocol in COLORS:
+        return COLORS[protocol]
+    from ggans import protocols
+
+    others = sorted(n for n in protocols.names() if n not in COLORS)
+    index = others.index(protocol) if protocol in others else len(others)
+    return SPARE_COLORS[index % len(SPARE_COLORS)]
 LINESTYLES = ("-", "--", ":", "-.")
 METRICS = (("ms", "MS (higher is better)"), ("fid", "FID (lower is better)"))
 
@@ -222,7 +236,7 @@ def series_label(key: tuple[str, int]) -> str:
 
 def _style(key: tuple[str, int], ks: list[int]) -> dict[str, Any]:
     competitor, k = key
-    style = {"color": COLORS.get(_base(competitor), "tab:purple")}
+    style = {"color": color_of(_base(competitor))}
     if k and k in ks:
         style["linestyle"] = LINESTYLES[ks.index(k) % len(LINESTYLES)]
     return style
@@ -452,7 +466,7 @@ def _final_against(ax, runs: list[Run], setting: str, metric: str) -> None:
             marker="o",
             capsize=3,
             label=competitor,
-            color=COLORS.get(_base(competitor), "tab:purple"),
+            color=color_of(_base(competitor)),
         )
     ax.grid(alpha=0.3)
 
@@ -551,7 +565,7 @@ def plot_final_against(
                 linestyle="" if label_of else "-",
                 capsize=3,
                 label=protocol,
-                color=COLORS.get(protocol),
+                color=color_of(protocol),
             )
             for x, label in points if label_of else ():
                 ax.annotate(label, (x, np.mean(by[protocol][(x, label)])), fontsize=6,
