@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import threading
 
 import flax.linen as nn
 import jax
@@ -150,3 +151,36 @@ def test_collecting_the_tests_starts_no_compiler(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "tests collected" in out.stdout
     assert not calls.exists(), calls.read_text()
+
+
+def test_a_layer_sets_warm_up_runs_beside_a_run_being_prepared_and_fails_quietly(
+    mnist, tmp_path, capfd
+):
+    from conftest import tiny_run_config
+    from ggans.run import prepare
+
+    ran = []
+
+    def broken():
+        raise RuntimeError("no compiler")
+
+    def toy(name, warm):
+        return lambda: impls.Impl(name, nn.Dense, nn.Conv, nn.ConvTranspose, warm_up=warm)
+
+    impls.register("toy_warm", toy("toy_warm", lambda: ran.append(threading.current_thread().name)))
+    impls.register("toy_broken", toy("toy_broken", broken))
+    try:
+        assert impls.warm_up("flax") is None  # nothing to warm up
+        spec = GanSpec(arch="tiny", noise_dim=16, batch_size=8, impl="toy_warm")
+        cfg = tiny_run_config(model=spec)
+        prepare(cfg, tmp_path / "run", mnist=mnist).folder.close()
+        for thread in threading.enumerate():
+            if thread.name.startswith("ggans-warm-up"):
+                thread.join()
+        assert ran == ["ggans-warm-up-toy_warm"]
+        impls.warm_up("toy_broken").join()
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        for name in ("toy_warm", "toy_broken"):
+            impls._REGISTRY.pop(name)
+            impls._LOADED.pop(name, None)

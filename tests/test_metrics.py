@@ -215,3 +215,32 @@ def test_kid_of_real_and_generated_mnist(mnist, real):
     assert kid[1] > 100 * spread.std() and kid[2] > kid[1]
     assert kid[0] < kid[1] / 20  # the test split: real digits too
     assert kid[0] < out["kid_pooled"] < kid[2]
+
+
+def test_real_stats_asked_from_two_threads_are_computed_once(mnist, monkeypatch):
+    """A run computes them in the background while its round compiles; its evaluator, asking
+    meanwhile, waits for that result instead of computing it again."""
+    import threading
+    import time
+
+    from ggans import metrics
+
+    calls, classify = [], metrics.classify
+
+    def slow_classify(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.5)  # the other thread asks meanwhile
+        return classify(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "classify", slow_classify)
+    images, got = mnist.train_images[:300], {}
+    threads = [
+        threading.Thread(target=lambda n=n: got.update({n: real_stats(images)}), name=n)
+        for n in ("background", "evaluator")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and got["background"] is got["evaluator"]
+    assert got["evaluator"].num_images == 300

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ import optax
 
 from ggans.errors import ConfigError
 
-__all__ = ["Impl", "apply_optimizer", "get", "names", "register", "resolve"]
+__all__ = ["Impl", "apply_optimizer", "get", "names", "register", "resolve", "warm_up"]
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -65,6 +66,9 @@ class Impl:
     platforms: tuple[str, ...] | None = None
     #: Why it cannot run here, or None: asked before a run starts.
     unavailable: Callable[[], str | None] = lambda: None
+    #: One-off work before first use (a kernel build), run in a background thread while a
+    #: run loads its data, so that it does not add to the time before the first round.
+    warm_up: Callable[[], Any] | None = None
 
 
 def _flax() -> Impl:
@@ -129,6 +133,29 @@ def get(name: str) -> Impl:
             factory = importlib.import_module(factory).impl
         _LOADED[name] = factory()
     return _LOADED[name]
+
+
+def warm_up(name: str) -> threading.Thread | None:
+    """Start layer set ``name``'s :attr:`Impl.warm_up` in a thread (None if it has none)."""
+    impl = get(name)
+    if impl.warm_up is None:
+        return None
+    return in_background(impl.warm_up, f"ggans-warm-up-{impl.name}")
+
+
+def in_background(work: Callable[[], Any], name: str) -> threading.Thread:
+    """Run ``work()`` in a thread that keeps quiet on failure: whoever needs the result asks
+    again in the foreground and meets the error there, as one line."""
+
+    def quietly() -> None:
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001
+            log.debug("%s failed in the background: %s", name, err)
+
+    thread = threading.Thread(target=quietly, name=name)
+    thread.start()
+    return thread
 
 
 def why_not(name: str, platform: str | None = None) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -207,6 +208,7 @@ class RealStats:
 
 
 _REAL_STATS_CACHE: dict[tuple[str, str], RealStats] = {}
+_REAL_STATS_LOCK = threading.Lock()
 
 
 def images_sha256(images: np.ndarray) -> str:
@@ -231,8 +233,13 @@ def real_stats(
     """
     clf = classifier or load_classifier()
     key = (clf.sha256, images_sha256(images))
-    if key in _REAL_STATS_CACHE:
+    with _REAL_STATS_LOCK:  # a run's warm-up thread and its evaluator compute them once
+        if key not in _REAL_STATS_CACHE:
+            _REAL_STATS_CACHE[key] = _real_stats(images, clf, key, cache_dir, chunk)
         return _REAL_STATS_CACHE[key]
+
+
+def _real_stats(images, clf, key, cache_dir, chunk) -> RealStats:
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"real_stats_{key[0][:16]}_{key[1][:16]}.npz"
@@ -242,7 +249,6 @@ def real_stats(
             except KeyError:  # written before KID: computed again
                 stats = None
             if stats is not None and (stats.classifier_sha256, stats.data_sha256) == key:
-                _REAL_STATS_CACHE[key] = stats
                 return stats
     logits, feats = classify(images, clf, chunk)
     subset = np.random.default_rng(0).permutation(len(images))[:KID_REAL]
@@ -252,7 +258,6 @@ def real_stats(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         stats.to_npz(path)
-    _REAL_STATS_CACHE[key] = stats
     return stats
 
 

@@ -61,6 +61,8 @@ def color_of(protocol: str) -> str:
     others = sorted(n for n in protocols.names() if n not in COLORS)
     index = others.index(protocol) if protocol in others else len(others)
     return SPARE_COLORS[index % len(SPARE_COLORS)]
+
+
 LINESTYLES = ("-", "--", ":", "-.")
 METRICS = (("ms", "MS (higher is better)"), ("fid", "FID (lower is better)"))
 

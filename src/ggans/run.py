@@ -127,12 +127,22 @@ def prepare(
         raise
 
 
+def _real_stats(images: np.ndarray) -> None:
+    from ggans.evaluation import cache_dir
+    from ggans.metrics import real_stats
+
+    real_stats(images, cache_dir=cache_dir())
+
+
 def _prepare(cfg: RunConfig, folder: RunFolder, resume: bool | str, mnist, fit: bool) -> Run:
     done = folder.check(resume)
     summary = folder.summary()
     if done is not None and done >= cfg.rounds and summary is not None:
         return Run(cfg, folder, finished=summary)  # nothing to load, build or compile
+    impls.warm_up(cfg.model.impl)  # e.g. the CPU plug-in's kernel build, beside the loading
     mnist = datasets.load(cfg.data.name, cfg.data.dir) if mnist is None else mnist
+    if cfg.eval.every:  # the real-data statistics, beside the round's compilation
+        impls.in_background(partial(_real_stats, mnist.train_images), "ggans-real-stats")
     shape = tuple(int(d) for d in mnist.train_images.shape[1:])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_shape=shape))
     sharding = replica_sharding(cfg.nodes) if cfg.shard else None

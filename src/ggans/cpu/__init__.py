@@ -38,7 +38,7 @@ def unavailable() -> str | None:
 
 def impl() -> Impl:
     """The plug-in's :class:`~ggans.impls.Impl`."""
-    from ggans.cpu import adam, gradsum, layers
+    from ggans.cpu import adam, gradsum, layers, onednn
 
     return Impl(
         "cpu",
@@ -51,4 +51,5 @@ def impl() -> Impl:
         compiler_options=COMPILER_OPTIONS,
         platforms=("cpu",),
         unavailable=unavailable,
+        warm_up=onednn.status,
     )

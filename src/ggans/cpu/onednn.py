@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -105,9 +106,17 @@ def _build() -> Path:
     return out
 
 
-@functools.cache
+_STATUS_LOCK = threading.Lock()  # a warm-up thread and the tracing thread build it once
+
+
 def status() -> str:
     """``"ready"`` once the kernels are built and registered, else why they are not used."""
+    with _STATUS_LOCK:
+        return _status()
+
+
+@functools.cache
+def _status() -> str:
     if os.environ.get("GGANS_ONEDNN", "1") == "0":
         return "off (GGANS_ONEDNN=0)"
     try:
@@ -121,6 +130,9 @@ def status() -> str:
         log.warning("oneDNN kernels unavailable (%s); using XLA's, which are slower", e)
         return f"unavailable: {e}"
     return "ready"
+
+
+status.cache_clear = _status.cache_clear  # type: ignore[attr-defined]  # tests rebuild it
 
 
 def available(*arrays: jax.Array, padding) -> bool:
