@@ -139,3 +139,34 @@ def _release_programs():
     """Each case compiles two rounds; release them (XLA CPU's memory maps, see conftest)."""
     yield
     jax.clear_caches()
+
+
+def test_a_signal_under_seeds_names_the_first_seeds_folder_to_resume(mnist, tmp_path, caplog):
+    """``hydra.run.dir`` is the first seed's folder; the others are named from it. Only the
+    shared program's line says how many machines train at once."""
+    import logging
+    import os
+    import signal
+
+    from conftest import tiny_run_config
+    from ggans.run import Interrupted
+    from ggans.runfolder import read_jsonl
+    from ggans.seeds import run_seeds
+
+    class SignalAfterRound1:
+        def log(self, row):
+            if row["round"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def finish(self, summary):
+            pass
+
+    folders = [tmp_path / "run-s0", tmp_path / "run-s1"]
+    caplog.set_level(logging.INFO, logger="ggans")
+    with pytest.raises(Interrupted) as stopped:
+        run_seeds(tiny_run_config(), [0, 1], folders, mnist=mnist, progress=False,
+                  loggers=lambda run: [SignalAfterRound1()])  # fmt: skip
+    assert f"(hydra.run.dir={folders[0]})" in str(stopped.value)
+    assert [[r["round"] for r in read_jsonl(f / "metrics.jsonl")] for f in folders] == [[1], [1]]
+    at_once = [r.getMessage() for r in caplog.records if "trained at once" in r.getMessage()]
+    assert len(at_once) == 1 and "x2: 4 machines in one program, 4 trained at once" in at_once[0]

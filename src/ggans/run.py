@@ -223,9 +223,15 @@ class Run:
             bar.close()
             self.folder.close()
 
-    def open(self, evaluator: Evaluator | str | None = "auto", loggers: Sequence[Logger] = ()):
+    def open(
+        self,
+        evaluator: Evaluator | str | None = "auto",
+        loggers: Sequence[Logger] = (),
+        shared: bool = False,
+    ):
         """Write the settings, restore the latest checkpoint (if resuming) and set up the
-        books: what :meth:`record` and :meth:`finish` need."""
+        books: what :meth:`record` and :meth:`finish` need. ``shared``: the run trains in a
+        program with others (``seeds=``), which says itself how many machines train at once."""
         cfg = self.cfg
         self.folder.begin()
         self._write_labels()
@@ -256,7 +262,7 @@ class Run:
         sizes = np.asarray(self.shards.size)
         log.info(
             "%s: %d machines, %d rounds of %d steps, shards of %s images; layers %s, "
-            "precision %s, %s machines trained at once",
+            "precision %s%s",
             cfg.name,
             cfg.nodes,
             cfg.rounds,
@@ -264,7 +270,7 @@ class Run:
             sizes.tolist() if cfg.nodes <= 10 else f"{sizes.min()} to {sizes.max()}",
             cfg.model.impl,
             cfg.model.precision,
-            self.spec.chunk or cfg.nodes,
+            "" if shared else f", {self.spec.chunk or cfg.nodes} machines trained at once",
         )
         self.eval_key = run_keys(cfg.seed)[1]
 

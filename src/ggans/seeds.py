@@ -65,7 +65,7 @@ def run_seeds(
     try:
         if todo:
             for run in todo:
-                run.open(evaluator, loggers(run))
+                run.open(evaluator, loggers(run), shared=True)
             done.update(_train_together(todo, progress))
     finally:
         for run in runs:
@@ -107,7 +107,7 @@ def _train_together(runs: list[Run], progress: bool | str) -> dict[int, dict[str
                 if stop.signum and r + 1 < cfg.rounds:
                     for run in runs:
                         run.folder.checkpoint(r + 1, False, run.state, run._meta(), True)
-                    raise Interrupted(stop.signum, r + 1, first.folder.path.parent)
+                    raise Interrupted(stop.signum, r + 1, first.folder.path)  # hydra.run.dir
         bar.close()
         return {id(run): run.finish() for run in runs}
     finally:
