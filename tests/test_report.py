@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from ggans import protocols
 from ggans.config import DataConfig, EvalConfig, ProtocolConfig, RunConfig
 from ggans.gan import GanSpec
-from ggans.report import color_of, find_runs, main, report
+from ggans.report import color_of, find_runs, main, report, series_label
 
 FIGURES = (
     "fig2_scores.png",
@@ -219,3 +219,11 @@ def test_every_registered_protocol_has_its_own_colour():
     colours = [color_of(name) for name in (*protocols.names(), "central")]
     assert len(set(colours)) == len(colours)
     assert color_of("federated") == "tab:blue"
+
+
+def test_tick_labels_keep_the_settings_values_only():
+    assert series_label(("gossip [topology.name=ring]", 100), short=True) == "gossip ring K=100"
+    assert series_label(("gossip [compression.bits=4, compression.name=quantize]", 0),
+                        short=True) == "gossip 4 quantize"  # fmt: skip
+    assert series_label(("gossip [topology.name=ring]", 0)) == "gossip [topology.name=ring]"
+    assert series_label(("central", 0), short=True) == "central (N=1)"

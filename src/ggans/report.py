@@ -230,9 +230,14 @@ def series_key(run: Run, several_k: bool) -> tuple[str, int]:
     return (run.competitor, run.local_steps if several_k else 0)
 
 
-def series_label(key: tuple[str, int]) -> str:
+def series_label(key: tuple[str, int], short: bool = False) -> str:
+    """``gossip [topology.name=ring] K=100``; ``short``: the setting's values only, as tick
+    labels (``gossip ring K=100``)."""
     competitor, k = key
     label = "central (N=1)" if competitor == "central" else competitor
+    if short and label.endswith("]") and " [" in label:
+        base, settings = label[:-1].split(" [", 1)
+        label = " ".join([base, *(kv.split("=", 1)[-1] for kv in settings.split(", "))])
     return f"{label} K={k}" if k else label
 
 
@@ -368,12 +373,15 @@ def plot_boxes(runs: list[Run], path: Path, title: str) -> Path | None:
         return None
     plt = _plt()
     nodes = _by_nodes(scored)
+    boxes = max(len(_series(group)[0]) for group in nodes.values())
+    width = max(3.8, 0.4 * boxes)  # room for every box's tick label
     fig, axes = plt.subplots(
-        2, len(nodes), figsize=(3.8 * len(nodes), 6.4), squeeze=False, sharey="row"
-    )
+        2, len(nodes), figsize=(width * len(nodes), 6.4 + 0.08 * boxes), squeeze=False,
+        sharey="row",
+    )  # fmt: skip
     for col, (n, group) in enumerate(nodes.items()):
         series, ks, _ = _series(group)
-        labels = [series_label(k) for k in series]
+        labels = [series_label(k, short=True) for k in series]
         for row, (metric, ylabel) in enumerate(METRICS):
             ax = axes[row, col]
             data = [sum((r.final(metric) for r in members), []) for members in series.values()]
@@ -381,7 +389,8 @@ def plot_boxes(runs: list[Run], path: Path, title: str) -> Path | None:
             for patch, key in zip(box["boxes"], series, strict=True):
                 patch.set_facecolor(_style(key, ks)["color"])
                 patch.set_alpha(0.5)
-            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, fontsize=8)
+            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30 if boxes <= 6 else 90,
+                          ha="right" if boxes <= 6 else "center", fontsize=8)  # fmt: skip
             ax.grid(alpha=0.3, axis="y")
             if col == 0:
                 ax.set_ylabel(ylabel)
