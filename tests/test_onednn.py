@@ -181,3 +181,88 @@ def test_build_is_cached(tmp_path, monkeypatch):
     assert first.parent == tmp_path and first.suffix == ".so"
     assert onednn._build() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+# (replica input shape [B, H, W, ci], co, kernel, strides, padding): the tiny model's layers,
+# single-channel sides included (stacked replicas send those to oneDNN too)
+STACKED_GEOMETRIES = [
+    ((6, 28, 28, 1), 8, (4, 4), (2, 2), ((1, 1), (1, 1))),  # D's first conv
+    ((6, 14, 14, 8), 16, (4, 4), (2, 2), ((1, 1), (1, 1))),  # D's second
+    ((6, 28, 28, 8), 1, (4, 4), (1, 1), ((1, 2), (1, 2))),  # G's output conv
+    ((3, 9, 11, 5), 6, (3, 2), (2, 3), ((0, 2), (1, 0))),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("geometry", STACKED_GEOMETRIES, ids=lambda g: f"{g[0]}->{g[1]}")
+def test_stacked_slots_equal_one_replica_at_a_time(geometry):
+    """With a leading replica axis, each slot is one call over all replicas and equals the
+    replicas' calls one at a time (float32: to 1e-5 of the largest value)."""
+    shape, co, ks, strides, padding = geometry
+    r = 3
+    k = jax.random.split(jax.random.key(4), 3)
+    u = jax.random.normal(k[0], (r, *shape))
+    w = jax.random.normal(k[1], (r, *ks, shape[-1], co))
+    vs = layers.out_spatial(shape[1:-1], ks, strides, padding)
+    v = jax.random.normal(k[2], (r, shape[0], *vs, co))
+
+    def slots(u, v, w):
+        return (
+            onednn.conv(u, w, strides, padding, vs),
+            onednn.conv_backward_data(v, w, strides, padding, shape[1:-1]),
+            onednn.conv_backward_weights(u, v, strides, padding, ks),
+        )
+
+    text = jax.jit(slots).lower(u, v, w).as_text()
+    assert text.count("ggans_onednn_conv") == 3 and "stablehlo.while" not in text
+    stacked = jax.jit(slots)(u, v, w)
+    one_by_one = jax.jit(lambda *a: jax.lax.map(lambda x: slots(*x), a))(u, v, w)
+    names = ("forward", "backward data", "backward weights")
+    for name, new, ref in zip(names, stacked, one_by_one, strict=True):
+        assert new.shape == ref.shape, name
+        assert_close(ref, new, 1e-5, name)
+
+
+def _critic_penalty_grads(x, w1, w2, w3):
+    """WGAN-GP's gradients of a small critic (the tiny model's convolutions: one input channel,
+    then 8 -> 16, and a transposed conv back onto one channel), for one replica."""
+
+    def critic(x, w1, w2, w3):
+        h = jax.nn.leaky_relu(layers.conv(x, w1, strides=2, padding=((1, 1), (1, 1))), 0.01)
+        h = jax.nn.leaky_relu(layers.conv(h, w2, strides=2, padding=((1, 1), (1, 1))), 0.01)
+        return jnp.sum(jnp.tanh(layers.conv_transpose(h, w3, strides=2)))
+
+    def penalty(w1, w2, w3):
+        gx = jax.grad(critic)(x, w1, w2, w3)
+        return jnp.mean((jnp.sqrt(jnp.sum(gx**2, axis=(1, 2, 3)) + 1e-10) - 1.0) ** 2)
+
+    return jax.grad(penalty, argnums=(0, 1, 2))(w1, w2, w3)
+
+
+@needs_onednn
+def test_stacked_replicas_lower_to_one_call_per_slot_and_match_a_loop(monkeypatch):
+    """Under vmap over stacked replicas (and a second vmap around it, as S runs of N machines),
+    a critic's second-order gradients run each slot as one oneDNN call over all replicas, with
+    no loop over them, and equal the replicas' gradients one at a time; the same with oneDNN
+    off (XLA's forms, single-channel slots batched)."""
+    n = 4
+    k = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(k[0], (n, 3, 28, 28, 1))
+    w1 = 0.3 * jax.random.normal(k[1], (n, 4, 4, 1, 8))
+    w2 = 0.2 * jax.random.normal(k[2], (n, 4, 4, 8, 16))
+    w3 = 0.2 * jax.random.normal(k[3], (n, 4, 4, 16, 1))
+    args = (x, w1, w2, w3)
+    stacked = jax.jit(jax.vmap(_critic_penalty_grads))
+    text = stacked.lower(*args).as_text()
+    assert "stablehlo.while" not in text and "stablehlo.convolution" not in text
+    assert "tensor<4x3x28x28x1xf32>" in text  # a replica axis on oneDNN's operands
+    ref = jax.jit(lambda *a: jax.lax.map(lambda t: _critic_penalty_grads(*t), a))(*args)
+    assert_close(ref, stacked(*args), 2e-5, "stacked")
+    nested = jax.jit(jax.vmap(jax.vmap(_critic_penalty_grads)))
+    halves = [a.reshape(2, n // 2, *a.shape[1:]) for a in args]
+    got = tuple(g.reshape(n, *g.shape[2:]) for g in nested(*halves))
+    assert_close(ref, got, 2e-5, "nested vmap")
+    with status_under(monkeypatch, onednn_off):
+        plain = jax.jit(jax.vmap(lambda *a: _critic_penalty_grads(*a)))
+        assert "ggans_onednn" not in plain.lower(*args).as_text()
+        assert_close(ref, plain(*args), 2e-5, "oneDNN off")

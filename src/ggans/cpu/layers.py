@@ -28,8 +28,11 @@ lowered to the XLA convolution that is fast for it (the forward conv, and XLA's 
 transposes of it). ``ConvTranspose`` is ``convt_p`` with the kernel flipped and its channel axes
 swapped. Under ``jax.vmap`` the batching rules never emit a grouped convolution: a batched
 activation with shared weights is folded into the batch axis, a shared activation with batched
-weights into the channel axis, and when both are batched (stacked replicas) the replicas run
-as N ordinary convolutions in a ``lax.map`` (or unrolled; see ``UNROLL_MAX``).
+weights into the channel axis, and when both are batched (stacked replicas) the slot is bound
+with ``stacked=True``: on the CPU one oneDNN call over all replicas, split over the threads
+(single-channel slots included, all but the transposed convolution onto one channel);
+otherwise a single-channel slot's XLA forms under ``vmap`` and a wide one's N ordinary
+convolutions in a ``lax.map`` (or unrolled; see ``UNROLL_MAX``).
 
 Where one side has a single channel (MNIST's image layers), the slots that ran slowly as
 convolutions (the product onto the single channel, and the kernel gradient) are matmuls over
@@ -84,10 +87,11 @@ __all__ = [
 
 default_kernel_init = initializers.lecun_normal()
 
-#: Under vmap with both operands batched (stacked replicas), the N per-replica convolutions are
-#: unrolled in the HLO when N <= UNROLL_MAX, else run one after another in a ``lax.map``. The
-#: loop measured as fast or faster per layer (N = 10: 0.6-0.9x the time; intermediates are
-#: reused, outputs written in place, no oversubscription) and halves compile time.
+#: Under vmap with both operands batched (stacked replicas) and no oneDNN, the N per-replica
+#: convolutions of a wide slot are unrolled in the HLO when N <= UNROLL_MAX, else run one after
+#: another in a ``lax.map``. The loop measured as fast or faster per layer (N = 10: 0.6-0.9x the
+#: time; intermediates are reused, outputs written in place, no oversubscription) and halves
+#: compile time.
 UNROLL_MAX = 1
 
 
@@ -113,44 +117,52 @@ def _convt_impl_xla(v, w, *, strides, padding, precision, u_spatial):
     return jax.linear_transpose(f, u_aval)(v)[0]
 
 
-def _convt_impl(v, w, *, strides, padding, precision, u_spatial):
-    """Transposed convolution as ``prod(strides)`` stride-1 convolutions, one per output phase,
-    whose results are interleaved.
+def _convt_impl(v, w, *, strides, padding, precision, u_spatial, conv=None):
+    """Transposed convolution as ``prod(strides)`` stride-1 convolutions (``conv``, default
+    XLA's), one per output phase, whose results are interleaved. ``v`` and ``w`` may carry the
+    same leading axes (stacked replicas) if ``conv`` takes them.
 
     Per spatial dim, ``u[i] = sum_{o, t: s*o + t - lo = i} v[o] W[t]^T``. For the output phase
     ``i = s*m + p``, with ``p + lo = s*c + r``: ``u[s*m + p] = sum_j v[m + c - j] W[r + s*j]^T``,
     a stride-1 correlation of (padded) ``v`` with the flipped taps ``r, r+s, ...`` of the kernel.
     """
-    nsp = v.ndim - 2
-    ksize = w.shape[:nsp]
-    batch, cin = v.shape[0], w.shape[-2]
-    vsp = v.shape[1:-1]
+    nsp = len(strides)
+    lead = w.ndim - nsp - 2  # leading (replica) axes of both operands
+    ksize = w.shape[lead : lead + nsp]
+    batch, cin = v.shape[: lead + 1], w.shape[-2]
+    vsp = v.shape[lead + 1 : -1]
     nm = [-(-un // s) for un, s in zip(u_spatial, strides)]  # outputs per phase
-    dn = _dn(nsp)
+    if conv is None:
+        conv = partial(_conv_xla_lax)
+    taxes = tuple(range(lead, lead + nsp))
 
     def phase(ps):
         rs = [(p + lo) % s for p, (lo, _), s in zip(ps, padding, strides)]
         cs = [(p + lo) // s for p, (lo, _), s in zip(ps, padding, strides)]
         taps = [-(-(k - r) // s) for k, r, s in zip(ksize, rs, strides)]
         if min(taps) <= 0:
-            return jnp.zeros((batch, *nm, cin), v.dtype)
-        sub = w[tuple(slice(r, None, s) for r, s in zip(rs, strides))]  # [*J, ci, co]
-        sub = jnp.swapaxes(jnp.flip(sub, axis=tuple(range(nsp))), -1, -2)  # [*J, co, ci]
+            return jnp.zeros((*batch, *nm, cin), v.dtype)
+        sub = w[(slice(None),) * lead + tuple(slice(r, None, s) for r, s in zip(rs, strides))]
+        sub = jnp.swapaxes(jnp.flip(sub, axis=taxes), -1, -2)  # [*J, co, ci]
         pads = [(j - 1 - c, m + c - n) for j, c, m, n in zip(taps, cs, nm, vsp)]
-        return lax.conv_general_dilated(
-            v, sub, (1,) * nsp, pads, dimension_numbers=dn, precision=precision
-        )
+        return conv(v, sub, strides=(1,) * nsp, padding=pads, precision=precision)
 
     def build(d, ps):
         if d == nsp:
             return phase(ps)
-        return jnp.stack([build(d + 1, (*ps, p)) for p in range(strides[d])], axis=d + 2)
+        return jnp.stack([build(d + 1, (*ps, p)) for p in range(strides[d])], axis=lead + d + 2)
 
-    full = build(0, ())  # [B, M0, s0, M1, s1, ..., ci]
-    full = full.reshape((batch, *[m * s for m, s in zip(nm, strides)], cin))
-    if full.shape[1:-1] != tuple(u_spatial):
-        full = lax.slice(full, (0,) * full.ndim, (batch, *u_spatial, cin))
+    full = build(0, ())  # [*batch, M0, s0, M1, s1, ..., ci]
+    full = full.reshape((*batch, *[m * s for m, s in zip(nm, strides)], cin))
+    if full.shape[lead + 1 : -1] != tuple(u_spatial):
+        full = lax.slice(full, (0,) * full.ndim, (*batch, *u_spatial, cin))
     return full
+
+
+def _conv_xla_lax(u, w, *, strides, padding, precision):
+    return lax.conv_general_dilated(
+        u, w, strides, padding, dimension_numbers=_dn(len(strides)), precision=precision
+    )
 
 
 def _kgrad_impl_xla(u, v, *, strides, padding, precision, k_spatial):
@@ -295,37 +307,98 @@ def _narrow_kgrad(u, v, *, strides, padding, precision, k_spatial):
 NARROW_MAX = 1
 
 
-def _on_onednn(a, b, ci: int, co: int, params) -> bool:
-    """On the CPU, wide 2-d float32 slots run on oneDNN. A single-channel side stays on the forms
-    above (D's first forward convolution: 0.2-0.3 ms on XLA, 2.0 ms in PyTorch's oneDNN)."""
-    return min(ci, co) > NARROW_MAX and onednn.available(a, b, padding=params["padding"])
+def _on_onednn(a, b, ci: int, co: int, params, narrow: bool = False) -> bool:
+    """On the CPU, wide 2-d float32 slots run on oneDNN, with or without a leading replica axis.
+    A single channel side stays on the forms above (D's first forward convolution: 0.2-0.3 ms on
+    XLA, 2.0 ms in PyTorch's oneDNN) unless ``narrow`` (stacked replicas, where oneDNN's calls
+    split over the threads win)."""
+    stacked = a.ndim == len(params["strides"]) + 3
+    wide = narrow or min(ci, co) > NARROW_MAX
+    return wide and onednn.available(a, b, padding=params["padding"], stacked=stacked)
 
 
-def _conv_lowering(u, w, *, cpu: bool = False, **params):
-    if w.shape[-1] <= NARROW_MAX < w.shape[-2]:
-        return _narrow_conv(u, w, **params)
-    if cpu and _on_onednn(u, w, w.shape[-2], w.shape[-1], params):
-        st, pad = params["strides"], params["padding"]
-        return onednn.conv(u, w, st, pad, out_spatial(u.shape[1:-1], w.shape[:-2], st, pad))
+def _conv_one_channel(u, w, *, strides, padding, precision):
+    """The convolution from one input channel as ``u``'s patches times the kernel: under
+    ``vmap`` a batched product, where XLA's convolution would become a grouped one."""
+    nsp = u.ndim - 2
+    ks, co = w.shape[:nsp], w.shape[-1]
+    vs = out_spatial(u.shape[1:-1], ks, strides, padding)
+    p = _patches(u, vs, ks, strides, padding)  # [B, *V, K, 1]
+    y = _dot(p.reshape(-1, math.prod(ks)), w.reshape(-1, co), 1, 0, precision)
+    return y.reshape(*p.shape[: nsp + 1], co)
+
+
+def _conv_xla(u, w, *, vmapped: bool = False, **params):
+    if vmapped and w.shape[-2] <= NARROW_MAX:
+        return _conv_one_channel(u, w, **params)
     return _conv_impl(u, w, **params)
 
 
-def _convt_lowering(v, w, *, cpu: bool = False, **params):
+# Each slot's lowering: ``dnn`` is oneDNN's call (operands with or without a replica axis),
+# ``xla`` the forms on XLA's own operations (one replica).
+def _conv_dnn(u, w, *, strides, padding, **_):
+    vs = out_spatial(u.shape[-3:-1], w.shape[-4:-2], strides, padding)
+    return onednn.conv(u, w, strides, padding, vs)
+
+
+def _conv_xla_forms(u, w, *, vmapped: bool = False, **params):
+    if w.shape[-1] <= NARROW_MAX < w.shape[-2]:
+        return _narrow_conv(u, w, **params)
+    return _conv_xla(u, w, vmapped=vmapped, **params)
+
+
+def _convt_dnn(v, w, *, strides, padding, u_spatial, **_):
+    return onednn.conv_backward_data(v, w, strides, padding, u_spatial)
+
+
+def _convt_xla_forms(v, w, *, vmapped: bool = False, **params):
     if w.shape[-2] <= NARROW_MAX < w.shape[-1]:
         return _narrow_convt(v, w, **params)
-    if cpu and _on_onednn(v, w, w.shape[-2], w.shape[-1], params):
-        st, pad = params["strides"], params["padding"]
-        return onednn.conv_backward_data(v, w, st, pad, params["u_spatial"])
-    return _convt_impl(v, w, **params)
+    return _convt_impl(v, w, conv=partial(_conv_xla, vmapped=vmapped), **params)
 
 
-def _kgrad_lowering(u, v, *, cpu: bool = False, **params):
+def _kgrad_dnn(u, v, *, strides, padding, k_spatial, **_):
+    return onednn.conv_backward_weights(u, v, strides, padding, k_spatial)
+
+
+def _kgrad_xla_forms(u, v, *, vmapped: bool = False, **params):
     if min(u.shape[-1], v.shape[-1]) <= NARROW_MAX:
         return _narrow_kgrad(u, v, **params)
-    if cpu and _on_onednn(u, v, u.shape[-1], v.shape[-1], params):
-        st, pad = params["strides"], params["padding"]
-        return onednn.conv_backward_weights(u, v, st, pad, params["k_spatial"])
     return _kgrad_impl(u, v, **params)
+
+
+def _lowering(dnn, xla, widths, narrow_dnn):
+    """A slot's lowering, given its oneDNN call, its XLA forms, its (ci, co) from its operands
+    and whether a narrow slot of stacked replicas goes to oneDNN (measured per slot: all but the
+    transposed convolution onto one channel, 2-4x slower there).
+
+    One replica: wide slots on oneDNN (on the CPU), the rest on the XLA forms. Stacked replicas
+    (``stacked=True``, a leading replica axis on both operands): on the CPU one oneDNN call over
+    all of them (split over the threads); otherwise a narrow slot's XLA forms under ``vmap``
+    (batched products and slices), a wide one's replica by replica (under ``vmap`` XLA's
+    convolution would be a grouped one, slow on the CPU).
+    """
+
+    def lower(a, b, *, cpu: bool = False, stacked: bool = False, **params):
+        ci, co = widths(a, b)
+        if cpu and _on_onednn(a, b, ci, co, params, narrow=stacked and narrow_dnn(ci, co)):
+            return dnn(a, b, **params)
+        if not stacked:
+            return xla(a, b, **params)
+        if min(ci, co) <= NARROW_MAX:
+            return jax.vmap(partial(xla, vmapped=True, **params))(a, b)
+        return _per_replica(partial(xla, **params), a, b)
+
+    return lower
+
+
+_conv_lowering = _lowering(_conv_dnn, _conv_xla_forms, lambda u, w: w.shape[-2:], lambda i, o: True)
+_convt_lowering = _lowering(
+    _convt_dnn, _convt_xla_forms, lambda v, w: w.shape[-2:], lambda i, o: i > NARROW_MAX
+)
+_kgrad_lowering = _lowering(
+    _kgrad_dnn, _kgrad_xla_forms, lambda u, v: (u.shape[-1], v.shape[-1]), lambda i, o: True
+)
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -340,21 +413,23 @@ def _check_dtypes(a, b):
     return a.dtype
 
 
-def _conv_abstract(u, w, *, strides, padding, precision):
+# ``stacked``: every operand and the result have a leading replica axis (the batching rules'
+# form for stacked replicas, lowered as one call over all of them where it can be).
+def _conv_abstract(u, w, *, strides, padding, precision, stacked=False):
     dt = _check_dtypes(u, w)
-    nsp = u.ndim - 2
-    vs = out_spatial(u.shape[1:-1], w.shape[:nsp], strides, padding)
-    return jax.core.ShapedArray((u.shape[0], *vs, w.shape[-1]), dt)
+    nsp, lead = len(strides), u.shape[: 1 + stacked]
+    vs = out_spatial(u.shape[1 + stacked : -1], w.shape[stacked : stacked + nsp], strides, padding)
+    return jax.core.ShapedArray((*lead, *vs, w.shape[-1]), dt)
 
 
-def _convt_abstract(v, w, *, strides, padding, precision, u_spatial):
+def _convt_abstract(v, w, *, strides, padding, precision, u_spatial, stacked=False):
     dt = _check_dtypes(v, w)
-    return jax.core.ShapedArray((v.shape[0], *u_spatial, w.shape[-2]), dt)
+    return jax.core.ShapedArray((*v.shape[: 1 + stacked], *u_spatial, w.shape[-2]), dt)
 
 
-def _kgrad_abstract(u, v, *, strides, padding, precision, k_spatial):
+def _kgrad_abstract(u, v, *, strides, padding, precision, k_spatial, stacked=False):
     dt = _check_dtypes(u, v)
-    return jax.core.ShapedArray((*k_spatial, u.shape[-1], v.shape[-1]), dt)
+    return jax.core.ShapedArray((*u.shape[:stacked], *k_spatial, u.shape[-1], v.shape[-1]), dt)
 
 
 conv_p.def_abstract_eval(_conv_abstract)
@@ -371,63 +446,40 @@ for _p, _lowering in [
     mlir.register_lowering(_p, _cpu_lowering, platform="cpu")
 
 
-def _nsp(x) -> int:
-    return len(x.aval.shape) - 2
-
-
 # --- transposes (each slot's transpose is another slot) ---
-def _conv_t_u(ct, u, w, *, strides, padding, precision):
-    return convt_p.bind(
-        ct,
-        w,
-        strides=strides,
-        padding=padding,
-        precision=precision,
-        u_spatial=tuple(u.aval.shape[1:-1]),
-    )
+def _spatial(x, stacked: bool) -> tuple[int, ...]:
+    """An activation's spatial shape."""
+    return tuple(x.aval.shape[1 + stacked : -1])
 
 
-def _conv_t_w(ct, u, w, *, strides, padding, precision):
-    nsp = len(strides)
-    return kgrad_p.bind(
-        u,
-        ct,
-        strides=strides,
-        padding=padding,
-        precision=precision,
-        k_spatial=tuple(w.aval.shape[:nsp]),
-    )
+def _k_spatial(w, nsp: int, stacked: bool) -> tuple[int, ...]:
+    return tuple(w.aval.shape[stacked : stacked + nsp])
 
 
-def _convt_t_v(ct, v, w, *, strides, padding, precision, u_spatial):
-    return conv_p.bind(ct, w, strides=strides, padding=padding, precision=precision)
+def _conv_t_u(ct, u, w, **params):
+    return convt_p.bind(ct, w, **params, u_spatial=_spatial(u, params["stacked"]))
 
 
-def _convt_t_w(ct, v, w, *, strides, padding, precision, u_spatial):
-    nsp = len(strides)
-    return kgrad_p.bind(
-        ct,
-        v,
-        strides=strides,
-        padding=padding,
-        precision=precision,
-        k_spatial=tuple(w.aval.shape[:nsp]),
-    )
+def _conv_t_w(ct, u, w, **params):
+    ks = _k_spatial(w, len(params["strides"]), params["stacked"])
+    return kgrad_p.bind(u, ct, **params, k_spatial=ks)
 
 
-def _kgrad_t_u(ct, u, v, *, strides, padding, precision, k_spatial):
-    return convt_p.bind(
-        v,
-        ct,
-        strides=strides,
-        padding=padding,
-        precision=precision,
-        u_spatial=tuple(u.aval.shape[1:-1]),
-    )
+def _convt_t_v(ct, v, w, *, u_spatial, **params):
+    return conv_p.bind(ct, w, **params)
 
 
-def _kgrad_t_v(ct, u, v, *, strides, padding, precision, k_spatial):
-    return conv_p.bind(u, ct, strides=strides, padding=padding, precision=precision)
+def _convt_t_w(ct, v, w, *, u_spatial, **params):
+    ks = _k_spatial(w, len(params["strides"]), params["stacked"])
+    return kgrad_p.bind(ct, v, **params, k_spatial=ks)
+
+
+def _kgrad_t_u(ct, u, v, *, k_spatial, **params):
+    return convt_p.bind(v, ct, **params, u_spatial=_spatial(u, params["stacked"]))
+
+
+def _kgrad_t_v(ct, u, v, *, k_spatial, **params):
+    return conv_p.bind(u, ct, **params)
 
 
 ad.defbilinear(conv_p, _conv_t_u, _conv_t_w)
@@ -470,43 +522,56 @@ def _unfold_channels(y, n, axis):
     return jnp.moveaxis(y, a, 0)
 
 
+def _stack(prim, a, b, bda, bdb, params):
+    """Both operands batched (stacked replicas): one stacked slot over them. Batched again (runs
+    of stacked replicas, or a vmap around the round), the new axis merges with the replica
+    axis; an unbatched operand is broadcast along it."""
+    n = a.shape[bda] if bda is not None else b.shape[bdb]
+    a = jnp.moveaxis(a, bda, 0) if bda is not None else jnp.broadcast_to(a, (n, *a.shape))
+    b = jnp.moveaxis(b, bdb, 0) if bdb is not None else jnp.broadcast_to(b, (n, *b.shape))
+    if not params["stacked"]:
+        return prim.bind(a, b, **{**params, "stacked": True}), 0
+    r = a.shape[1]
+    y = prim.bind(a.reshape(n * r, *a.shape[2:]), b.reshape(n * r, *b.shape[2:]), **params)
+    return y.reshape(n, r, *y.shape[1:]), 0
+
+
 def _conv_batch(args, dims, **params):
     u, w = args
     bu, bw = dims
+    if params["stacked"] or (bu is not None and bw is not None):
+        return _stack(conv_p, u, w, bu, bw, params)
     if bw is None:
         uf, n = _fold_batch(u, bu)
         return _unfold_batch(conv_p.bind(uf, w, **params), n), 0
-    if bu is None:  # shared input, N kernels: N*co output channels
-        wf, n = _fold_channels(w, bw, -1)
-        return _unfold_channels(conv_p.bind(u, wf, **params), n, -1), 0
-    u, w = jnp.moveaxis(u, bu, 0), jnp.moveaxis(w, bw, 0)
-    return _per_replica(lambda a, b: conv_p.bind(a, b, **params), u, w), 0
+    # shared input, N kernels: N*co output channels
+    wf, n = _fold_channels(w, bw, -1)
+    return _unfold_channels(conv_p.bind(u, wf, **params), n, -1), 0
 
 
 def _convt_batch(args, dims, **params):
     v, w = args
     bv, bw = dims
+    if params["stacked"] or (bv is not None and bw is not None):
+        return _stack(convt_p, v, w, bv, bw, params)
     if bw is None:
         vf, n = _fold_batch(v, bv)
         return _unfold_batch(convt_p.bind(vf, w, **params), n), 0
-    if bv is None:  # shared input, N kernels: N*ci output channels
-        wf, n = _fold_channels(w, bw, -2)
-        return _unfold_channels(convt_p.bind(v, wf, **params), n, -1), 0
-    v, w = jnp.moveaxis(v, bv, 0), jnp.moveaxis(w, bw, 0)
-    return _per_replica(lambda a, b: convt_p.bind(a, b, **params), v, w), 0
+    # shared input, N kernels: N*ci output channels
+    wf, n = _fold_channels(w, bw, -2)
+    return _unfold_channels(convt_p.bind(v, wf, **params), n, -1), 0
 
 
 def _kgrad_batch(args, dims, **params):
     u, v = args
     bu, bv = dims
+    if params["stacked"] or (bu is not None and bv is not None):
+        return _stack(kgrad_p, u, v, bu, bv, params)
     if bv is None:  # N inputs u, shared v: N*ci kernel input channels
         uf, n = _fold_channels(u, bu, -1)
         return _unfold_channels(kgrad_p.bind(uf, v, **params), n, -2), 0
-    if bu is None:
-        vf, n = _fold_channels(v, bv, -1)
-        return _unfold_channels(kgrad_p.bind(u, vf, **params), n, -1), 0
-    u, v = jnp.moveaxis(u, bu, 0), jnp.moveaxis(v, bv, 0)
-    return _per_replica(lambda a, b: kgrad_p.bind(a, b, **params), u, v), 0
+    vf, n = _fold_channels(v, bv, -1)
+    return _unfold_channels(kgrad_p.bind(u, vf, **params), n, -1), 0
 
 
 batching.primitive_batchers[conv_p] = _conv_batch
@@ -532,7 +597,7 @@ def conv(
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    return conv_p.bind(x, kernel, strides=strides, padding=pads, precision=precision)
+    return conv_p.bind(x, kernel, strides=strides, padding=pads, precision=precision, stacked=False)
 
 
 def conv_transpose(
@@ -561,6 +626,7 @@ def conv_transpose(
         padding=tuple(pads),
         precision=precision,
         u_spatial=tuple(u_spatial),
+        stacked=False,
     )
 
 

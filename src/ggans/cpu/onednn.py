@@ -6,9 +6,14 @@ transposed ones) at 70-130 GFLOP/s in place; oneDNN, which PyTorch calls for the
 runs them at 200-360. :mod:`ggans.layers` lowers its three convolution primitives (the forward
 convolution, its transpose in the input and its transpose in the kernel) to oneDNN's forward,
 backward-data and backward-weights primitives when :func:`available` is true: a float32, 2-d
-convolution with non-negative padding, on the CPU. A dense layer's products with few rows and a
-large kernel (the paper's 6272 x 1024 layers at batch 32 and 64: x @ W and its transposes) run
-on oneDNN's matmul where :func:`skinny` says so; XLA's own run them 1.5-2x slower.
+convolution with non-negative padding, on the CPU; with a leading replica axis on every operand
+(stacked replicas), one call runs them all, split over the OpenMP threads, one single-threaded
+convolution per replica (``GGANS_ONEDNN_REPLICA_THREADS=1``: one replica after another, each on
+oneDNN's own threads), which for the tiny model's layers is 4-6x faster than a loop of calls.
+
+A dense layer's products with few rows and a large kernel (the paper's 6272 x 1024 layers at
+batch 32 and 64: x @ W and its transposes) run on oneDNN's matmul where :func:`skinny` says so;
+XLA's own run them 1.5-2x slower.
 
 The kernels (``csrc/onednn_kernels.cc``, and ``csrc/adam_kernel.cc``, :mod:`ggans.adam`'s one-pass
 update, which shares their OpenMP threads) are compiled on first use with the system's C++
@@ -135,10 +140,11 @@ def _status() -> str:
 status.cache_clear = _status.cache_clear  # type: ignore[attr-defined]  # tests rebuild it
 
 
-def available(*arrays: jax.Array, padding) -> bool:
-    """Whether a convolution on these operands (and explicit ``padding`` pairs) runs on oneDNN."""
+def available(*arrays: jax.Array, padding, stacked: bool = False) -> bool:
+    """Whether a convolution on these operands (and explicit ``padding`` pairs) runs on oneDNN;
+    ``stacked``: each operand has a leading replica axis."""
     return (
-        all(a.dtype == np.float32 and a.ndim == 4 for a in arrays)
+        all(a.dtype == np.float32 and a.ndim == 4 + stacked for a in arrays)
         and all(lo >= 0 and hi >= 0 for lo, hi in padding)
         and status() == "ready"
     )
@@ -152,20 +158,24 @@ def _call(slot: str, shape: tuple[int, ...], a, b, strides, padding):
     )
 
 
+# Each slot takes operands with or without one leading replica axis R (on all of them): with
+# it, the R convolutions run in one call, split over the threads.
 def conv(u, w, strides, padding, v_spatial):
-    """``u [B, H, W, ci]`` convolved with ``w [kh, kw, ci, co]`` -> ``[B, *v_spatial, co]``."""
-    return _call("fwd", (u.shape[0], *v_spatial, w.shape[-1]), u, w, strides, padding)
+    """``u [R?, B, H, W, ci]`` convolved with ``w [R?, kh, kw, ci, co]`` ->
+    ``[R?, B, *v_spatial, co]``."""
+    return _call("fwd", (*u.shape[:-3], *v_spatial, w.shape[-1]), u, w, strides, padding)
 
 
 def conv_backward_data(v, w, strides, padding, u_spatial):
-    """The convolution's transpose in its input: ``v [B, Ho, Wo, co]`` -> ``[B, *u_spatial, ci]``
-    (a transposed convolution)."""
-    return _call("bwd_data", (v.shape[0], *u_spatial, w.shape[-2]), v, w, strides, padding)
+    """The convolution's transpose in its input: ``v [R?, B, Ho, Wo, co]`` ->
+    ``[R?, B, *u_spatial, ci]`` (a transposed convolution)."""
+    return _call("bwd_data", (*v.shape[:-3], *u_spatial, w.shape[-2]), v, w, strides, padding)
 
 
 def conv_backward_weights(u, v, strides, padding, k_spatial):
-    """The convolution's transpose in its kernel: ``(u, v)`` -> ``[*k_spatial, ci, co]``."""
-    return _call("bwd_weights", (*k_spatial, u.shape[-1], v.shape[-1]), u, v, strides, padding)
+    """The convolution's transpose in its kernel: ``(u, v)`` -> ``[R?, *k_spatial, ci, co]``."""
+    shape = (*u.shape[:-4], *k_spatial, u.shape[-1], v.shape[-1])
+    return _call("bwd_weights", shape, u, v, strides, padding)
 
 
 def skinny(a: jax.Array, b: jax.Array, ca: int, cb: int) -> bool:

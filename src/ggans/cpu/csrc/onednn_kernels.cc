@@ -9,8 +9,15 @@
 // Matrix products: c[..., m, n] = a @ op(b), row major, the leading axes a batch; used for a
 // dense layer's products with few rows and a large kernel, where XLA's own are 1.5-2x slower.
 //
+// A convolution's operands may carry a leading replica axis (stacked replicas): one call then
+// runs every replica, split over the OpenMP threads.
+//
 // Primitives are built once per shape and thread, with a per-thread scratchpad.
+#include <omp.h>
+
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -28,7 +35,8 @@ namespace {
 
 enum Slot { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
-// slot, B, H, W, ci, Ho, Wo, co, kh, kw, sh, sw, pad top, pad left, pad bottom, pad right
+// slot (+ 3: planned for a parallel region over replicas), B, H, W, ci, Ho, Wo, co, kh, kw,
+// sh, sw, pad top, pad left, pad bottom, pad right
 using Key = std::array<int64_t, 16>;
 
 struct Plan {
@@ -39,6 +47,16 @@ struct Plan {
   bool reorder_wei = false;
   size_t scratch_bytes = 0;
 };
+
+// Threads over which a call's replicas are split (GGANS_ONEDNN_REPLICA_THREADS, default
+// OpenMP's; 1: one replica after another, each on oneDNN's own threads).
+int ReplicaThreads() {
+  static const int n = [] {
+    const char* env = std::getenv("GGANS_ONEDNN_REPLICA_THREADS");
+    return env ? std::max(1, std::atoi(env)) : omp_get_max_threads();
+  }();
+  return n;
+}
 
 dnnl::engine& Engine() {
   static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
@@ -62,7 +80,9 @@ memory Scratchpad(size_t bytes) {
   return memory(desc, Engine(), scratch.data());
 }
 
-Plan MakePlan(const Key& k) {
+Plan MakePlan(const Key& key) {
+  Key k = key;
+  k[0] %= 3;  // + 3: built inside a parallel region over replicas
   const auto f32 = memory::data_type::f32;
   memory::dims src{k[1], k[4], k[2], k[3]}, dst{k[1], k[7], k[5], k[6]};
   memory::dims wei{k[7], k[4], k[8], k[9]}, strides{k[10], k[11]};
@@ -106,49 +126,87 @@ Plan MakePlan(const Key& k) {
   return plan;
 }
 
-// act: [B, H, W, ci]; out: [B, Ho, Wo, co]; wei: [kh, kw, ci, co]. Exactly one is the result.
+// One replica's slot. act: [B, H, W, ci]; out: [B, Ho, Wo, co]; wei: [kh, kw, ci, co].
+// Exactly one is the result.
+void RunOne(const Plan& plan, Slot slot, float* act, float* out, float* wei) {
+  auto& eng = Engine();
+  dnnl::stream stream(eng);
+  thread_local std::vector<char> weights;
+  if (weights.size() < plan.wei.get_size()) weights.resize(plan.wei.get_size());
+  memory m_act(plan.act, eng, act), m_out(plan.out, eng, out);
+  memory m_user(plan.user_wei, eng, wei);
+  memory m_wei = m_user;
+  if (plan.reorder_wei) m_wei = memory(plan.wei, eng, weights.data());
+  std::unordered_map<int, memory> args;
+  if (plan.scratch_bytes > 0) args[DNNL_ARG_SCRATCHPAD] = Scratchpad(plan.scratch_bytes);
+  if (slot == kFwd) {
+    args[DNNL_ARG_SRC] = m_act;
+    args[DNNL_ARG_DST] = m_out;
+    args[DNNL_ARG_WEIGHTS] = m_wei;
+  } else if (slot == kBwdData) {
+    args[DNNL_ARG_DIFF_SRC] = m_act;
+    args[DNNL_ARG_DIFF_DST] = m_out;
+    args[DNNL_ARG_WEIGHTS] = m_wei;
+  } else {
+    args[DNNL_ARG_SRC] = m_act;
+    args[DNNL_ARG_DIFF_DST] = m_out;
+    args[DNNL_ARG_DIFF_WEIGHTS] = m_wei;
+  }
+  if (slot != kBwdWeights && plan.reorder_wei) plan.wei_reorder.execute(stream, m_user, m_wei);
+  plan.prim.execute(stream, args);
+  if (slot == kBwdWeights && plan.reorder_wei) plan.wei_reorder.execute(stream, m_wei, m_user);
+  stream.wait();
+}
+
+int64_t Prod(ffi::Span<const int64_t> d, size_t from, size_t to) {
+  int64_t p = 1;
+  for (size_t i = from; i < to; ++i) p *= d[i];
+  return p;
+}
+
+// act: [R?, B, H, W, ci]; out: [R?, B, Ho, Wo, co]; wei: [R?, kh, kw, ci, co], with an optional
+// leading replica axis R on all three (stacked replicas: R convolutions in one call).
+// Exactly one is the result.
 ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const int64_t> act_dims,
                ffi::Span<const int64_t> out_dims, ffi::Span<const int64_t> wei_dims,
                ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pads) {
-  if (act_dims.size() != 4 || out_dims.size() != 4 || wei_dims.size() != 4 ||
+  const size_t r = act_dims.size();
+  if ((r != 4 && r != 5) || out_dims.size() != r || wei_dims.size() != r ||
       strides.size() != 2 || pads.size() != 4) {
     return ffi::Error::InvalidArgument("ggans oneDNN conv: 2-d convolutions only");
   }
-  Key k{slot,        act_dims[0], act_dims[1], act_dims[2], act_dims[3], out_dims[1],
-        out_dims[2], out_dims[3], wei_dims[0], wei_dims[1], strides[0],  strides[1],
-        pads[0],     pads[1],     pads[2],     pads[3]};
-  try {
-    const Plan& plan = Cached(k, MakePlan);
-    auto& eng = Engine();
-    dnnl::stream stream(eng);
-    thread_local std::vector<char> weights;
-    if (weights.size() < plan.wei.get_size()) weights.resize(plan.wei.get_size());
-    memory m_act(plan.act, eng, act), m_out(plan.out, eng, out);
-    memory m_user(plan.user_wei, eng, wei);
-    memory m_wei = m_user;
-    if (plan.reorder_wei) m_wei = memory(plan.wei, eng, weights.data());
-    std::unordered_map<int, memory> args;
-    if (plan.scratch_bytes > 0) args[DNNL_ARG_SCRATCHPAD] = Scratchpad(plan.scratch_bytes);
-    if (slot == kFwd) {
-      args[DNNL_ARG_SRC] = m_act;
-      args[DNNL_ARG_DST] = m_out;
-      args[DNNL_ARG_WEIGHTS] = m_wei;
-    } else if (slot == kBwdData) {
-      args[DNNL_ARG_DIFF_SRC] = m_act;
-      args[DNNL_ARG_DIFF_DST] = m_out;
-      args[DNNL_ARG_WEIGHTS] = m_wei;
-    } else {
-      args[DNNL_ARG_SRC] = m_act;
-      args[DNNL_ARG_DIFF_DST] = m_out;
-      args[DNNL_ARG_DIFF_WEIGHTS] = m_wei;
-    }
-    if (slot != kBwdWeights && plan.reorder_wei) plan.wei_reorder.execute(stream, m_user, m_wei);
-    plan.prim.execute(stream, args);
-    if (slot == kBwdWeights && plan.reorder_wei) plan.wei_reorder.execute(stream, m_wei, m_user);
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("ggans oneDNN conv: ") + e.what());
+  const size_t o = r - 4;  // 1 with a replica axis
+  const int64_t replicas = o ? act_dims[0] : 1;
+  if (o && (out_dims[0] != replicas || wei_dims[0] != replicas)) {
+    return ffi::Error::InvalidArgument("ggans oneDNN conv: replica axes differ");
   }
+  Key k{slot,          act_dims[o],     act_dims[o + 1], act_dims[o + 2], act_dims[o + 3],
+        out_dims[o + 1], out_dims[o + 2], out_dims[o + 3], wei_dims[o],   wei_dims[o + 1],
+        strides[0],    strides[1],      pads[0],         pads[1],         pads[2],
+        pads[3]};
+  const int64_t act_n = Prod(act_dims, o, r), out_n = Prod(out_dims, o, r);
+  const int64_t wei_n = Prod(wei_dims, o, r);
+  // Replicas split over the threads, one single-threaded convolution each, when there are
+  // enough of them: small convolutions do not pay for oneDNN's own threading. Plans are built
+  // per thread and per threading mode (oneDNN sizes a primitive's work for its threads).
+  const bool split = replicas >= 2 && ReplicaThreads() > 1;
+  std::string error;
+#pragma omp parallel for schedule(static) if (split) num_threads(ReplicaThreads())
+  for (int64_t i = 0; i < replicas; ++i) {
+    try {
+      Key ki = k;
+      if (split) {
+        omp_set_num_threads(1);  // this task's: oneDNN then plans for one thread
+        ki[0] += 3;
+      }
+      const Plan& plan = Cached(ki, MakePlan);
+      RunOne(plan, slot, act + i * act_n, out + i * out_n, wei + i * wei_n);
+    } catch (const dnnl::error& e) {
+#pragma omp critical
+      error = e.what();
+    }
+  }
+  if (!error.empty()) return ffi::Error::Internal("ggans oneDNN conv: " + error);
   return ffi::Error::Success();
 }
 
