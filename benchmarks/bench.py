@@ -214,15 +214,21 @@ def bench_eval(arch: str, n: int, samples: int):
     from ggans.classifier import load_classifier
     from ggans.evaluation import sample_population
     from ggans.gan import GanSpec
-    from ggans.metrics import Gaussian, RealStats, score_population
+    from ggans.metrics import KID_REAL, Gaussian, RealStats, score_population
     from ggans.replicas import init_replicas
 
     gan = GanSpec(arch=arch)
     state = init_replicas(gan, jax.random.key(0), n)
     clf = load_classifier()
     eye10, eye128 = np.eye(10), np.eye(128)
+    kid_real = np.random.default_rng(0).standard_normal((KID_REAL, 128)).astype(np.float32)
     real = RealStats(
-        Gaussian(np.zeros(10), eye10), Gaussian(np.zeros(128), eye128), clf.sha256, "synthetic", 0
+        Gaussian(np.zeros(10), eye10),
+        Gaussian(np.zeros(128), eye128),
+        clf.sha256,
+        "synthetic",
+        0,
+        kid_real,
     )
     chunk = 1 if jax.default_backend() == "cpu" else None
 

@@ -67,3 +67,10 @@ def test_stacked_replicas(init):
     k0, k1 = take(state, 0).g_params, take(state, 1).g_params
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(k0), jax.tree.leaves(k1)))
     assert same == (init == "shared")
+
+
+def test_gan_spec_refuses_an_unknown_loss():
+    """The step tests for ``wgan_gp``: a misspelt loss must not silently train ``nonsat``."""
+    with pytest.raises(ValueError, match="loss='wgan-gp': must be one of wgan_gp, nonsat"):
+        GanSpec(loss="wgan-gp")
+    assert GanSpec(loss="nonsat").loss == "nonsat"

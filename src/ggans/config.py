@@ -207,7 +207,12 @@ def build(cls, values: dict | None, key: str = ""):
     for name, value in values.items():
         if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict | None):
             values[name] = build(hints[name], value, f"{key}{name}.")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own check ("loss='x': must be ..."), keyed here
+        raise ConfigError(f"{key}{e}") from None
 
 
 def from_dict(d: dict) -> RunConfig:

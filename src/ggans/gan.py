@@ -43,6 +43,10 @@ class GanSpec:
     # [H, W, C] of the images: set from the dataset when a run starts (not a setting)
     image_shape: tuple[int, int, int] = field(default=(28, 28, 1), metadata={"derived": True})
 
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:  # the step tests for wgan_gp: a typo would train nonsat
+            raise ValueError(f"loss={self.loss!r}: must be one of {', '.join(LOSSES)}")
+
     @property
     def architecture(self) -> models.Architecture:
         return models.get(self.arch)

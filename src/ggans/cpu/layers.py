@@ -369,8 +369,8 @@ def _kgrad_xla_forms(u, v, *, vmapped: bool = False, **params):
 
 def _lowering(dnn, xla, widths, narrow_dnn):
     """A slot's lowering, given its oneDNN call, its XLA forms, its (ci, co) from its operands
-    and whether a narrow slot of stacked replicas goes to oneDNN (measured per slot: all but the
-    transposed convolution onto one channel, 2-4x slower there).
+    and whether a narrow slot of two or more stacked replicas goes to oneDNN (measured per slot:
+    all but the transposed convolution onto one channel, 2-4x slower there).
 
     One replica: wide slots on oneDNN (on the CPU), the rest on the XLA forms. Stacked replicas
     (``stacked=True``, a leading replica axis on both operands): on the CPU one oneDNN call over
@@ -381,7 +381,8 @@ def _lowering(dnn, xla, widths, narrow_dnn):
 
     def lower(a, b, *, cpu: bool = False, stacked: bool = False, **params):
         ci, co = widths(a, b)
-        if cpu and _on_onednn(a, b, ci, co, params, narrow=stacked and narrow_dnn(ci, co)):
+        narrow = stacked and a.shape[0] > 1 and narrow_dnn(ci, co)
+        if cpu and _on_onednn(a, b, ci, co, params, narrow=narrow):
             return dnn(a, b, **params)
         if not stacked:
             return xla(a, b, **params)
