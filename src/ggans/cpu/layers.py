@@ -119,43 +119,39 @@ def _convt_impl_xla(v, w, *, strides, padding, precision, u_spatial):
 
 def _convt_impl(v, w, *, strides, padding, precision, u_spatial, conv=None):
     """Transposed convolution as ``prod(strides)`` stride-1 convolutions (``conv``, default
-    XLA's), one per output phase, whose results are interleaved. ``v`` and ``w`` may carry the
-    same leading axes (stacked replicas) if ``conv`` takes them.
+    XLA's), one per output phase, whose results are interleaved.
 
     Per spatial dim, ``u[i] = sum_{o, t: s*o + t - lo = i} v[o] W[t]^T``. For the output phase
     ``i = s*m + p``, with ``p + lo = s*c + r``: ``u[s*m + p] = sum_j v[m + c - j] W[r + s*j]^T``,
     a stride-1 correlation of (padded) ``v`` with the flipped taps ``r, r+s, ...`` of the kernel.
     """
-    nsp = len(strides)
-    lead = w.ndim - nsp - 2  # leading (replica) axes of both operands
-    ksize = w.shape[lead : lead + nsp]
-    batch, cin = v.shape[: lead + 1], w.shape[-2]
-    vsp = v.shape[lead + 1 : -1]
+    nsp = v.ndim - 2
+    ksize = w.shape[:nsp]
+    batch, cin = v.shape[0], w.shape[-2]
+    vsp = v.shape[1:-1]
     nm = [-(-un // s) for un, s in zip(u_spatial, strides)]  # outputs per phase
-    if conv is None:
-        conv = partial(_conv_xla_lax)
-    taxes = tuple(range(lead, lead + nsp))
+    conv = conv or _conv_xla_lax
 
     def phase(ps):
         rs = [(p + lo) % s for p, (lo, _), s in zip(ps, padding, strides)]
         cs = [(p + lo) // s for p, (lo, _), s in zip(ps, padding, strides)]
         taps = [-(-(k - r) // s) for k, r, s in zip(ksize, rs, strides)]
         if min(taps) <= 0:
-            return jnp.zeros((*batch, *nm, cin), v.dtype)
-        sub = w[(slice(None),) * lead + tuple(slice(r, None, s) for r, s in zip(rs, strides))]
-        sub = jnp.swapaxes(jnp.flip(sub, axis=taxes), -1, -2)  # [*J, co, ci]
+            return jnp.zeros((batch, *nm, cin), v.dtype)
+        sub = w[tuple(slice(r, None, s) for r, s in zip(rs, strides))]  # [*J, ci, co]
+        sub = jnp.swapaxes(jnp.flip(sub, axis=tuple(range(nsp))), -1, -2)  # [*J, co, ci]
         pads = [(j - 1 - c, m + c - n) for j, c, m, n in zip(taps, cs, nm, vsp)]
         return conv(v, sub, strides=(1,) * nsp, padding=pads, precision=precision)
 
     def build(d, ps):
         if d == nsp:
             return phase(ps)
-        return jnp.stack([build(d + 1, (*ps, p)) for p in range(strides[d])], axis=lead + d + 2)
+        return jnp.stack([build(d + 1, (*ps, p)) for p in range(strides[d])], axis=d + 2)
 
-    full = build(0, ())  # [*batch, M0, s0, M1, s1, ..., ci]
-    full = full.reshape((*batch, *[m * s for m, s in zip(nm, strides)], cin))
-    if full.shape[lead + 1 : -1] != tuple(u_spatial):
-        full = lax.slice(full, (0,) * full.ndim, (*batch, *u_spatial, cin))
+    full = build(0, ())  # [B, M0, s0, M1, s1, ..., ci]
+    full = full.reshape((batch, *[m * s for m, s in zip(nm, strides)], cin))
+    if full.shape[1:-1] != tuple(u_spatial):
+        full = lax.slice(full, (0,) * full.ndim, (batch, *u_spatial, cin))
     return full
 
 
