@@ -209,8 +209,6 @@ def build(cls, values: dict | None, key: str = ""):
             values[name] = build(hints[name], value, f"{key}{name}.")
     try:
         return cls(**values)
-    except ConfigError:
-        raise
     except ValueError as e:  # a dataclass's own check ("loss='x': must be ..."), keyed here
         raise ConfigError(f"{key}{e}") from None
 

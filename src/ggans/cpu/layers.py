@@ -130,7 +130,7 @@ def _convt_impl(v, w, *, strides, padding, precision, u_spatial, conv=None):
     batch, cin = v.shape[0], w.shape[-2]
     vsp = v.shape[1:-1]
     nm = [-(-un // s) for un, s in zip(u_spatial, strides)]  # outputs per phase
-    conv = conv or _conv_xla_lax
+    conv = conv or _conv_impl
 
     def phase(ps):
         rs = [(p + lo) % s for p, (lo, _), s in zip(ps, padding, strides)]
@@ -153,12 +153,6 @@ def _convt_impl(v, w, *, strides, padding, precision, u_spatial, conv=None):
     if full.shape[1:-1] != tuple(u_spatial):
         full = lax.slice(full, (0,) * full.ndim, (batch, *u_spatial, cin))
     return full
-
-
-def _conv_xla_lax(u, w, *, strides, padding, precision):
-    return lax.conv_general_dilated(
-        u, w, strides, padding, dimension_numbers=_dn(len(strides)), precision=precision
-    )
 
 
 def _kgrad_impl_xla(u, v, *, strides, padding, precision, k_spatial):
@@ -303,12 +297,11 @@ def _narrow_kgrad(u, v, *, strides, padding, precision, k_spatial):
 NARROW_MAX = 1
 
 
-def _on_onednn(a, b, ci: int, co: int, params, narrow: bool = False) -> bool:
-    """On the CPU, wide 2-d float32 slots run on oneDNN, with or without a leading replica axis.
-    A single channel side stays on the forms above (D's first forward convolution: 0.2-0.3 ms on
-    XLA, 2.0 ms in PyTorch's oneDNN) unless ``narrow`` (stacked replicas, where oneDNN's calls
-    split over the threads win)."""
-    stacked = a.ndim == len(params["strides"]) + 3
+def _on_onednn(a, b, ci: int, co: int, params, stacked: bool, narrow: bool) -> bool:
+    """On the CPU, wide 2-d float32 slots run on oneDNN, with or without a leading replica axis
+    (``stacked``). A single-channel side stays on the forms above (D's first forward
+    convolution: 0.2-0.3 ms on XLA, 2.0 ms in PyTorch's oneDNN) unless ``narrow`` (stacked
+    replicas, where oneDNN's calls split over the threads win)."""
     wide = narrow or min(ci, co) > NARROW_MAX
     return wide and onednn.available(a, b, padding=params["padding"], stacked=stacked)
 
@@ -363,7 +356,7 @@ def _kgrad_xla_forms(u, v, *, vmapped: bool = False, **params):
     return _kgrad_impl(u, v, **params)
 
 
-def _lowering(dnn, xla, widths, narrow_dnn):
+def _slot_lowering(dnn, xla, widths, narrow_dnn):
     """A slot's lowering, given its oneDNN call, its XLA forms, its (ci, co) from its operands
     and whether a narrow slot of two or more stacked replicas goes to oneDNN (measured per slot:
     all but the transposed convolution onto one channel, 2-4x slower there).
@@ -378,7 +371,7 @@ def _lowering(dnn, xla, widths, narrow_dnn):
     def lower(a, b, *, cpu: bool = False, stacked: bool = False, **params):
         ci, co = widths(a, b)
         narrow = stacked and a.shape[0] > 1 and narrow_dnn(ci, co)
-        if cpu and _on_onednn(a, b, ci, co, params, narrow=narrow):
+        if cpu and _on_onednn(a, b, ci, co, params, stacked, narrow):
             return dnn(a, b, **params)
         if not stacked:
             return xla(a, b, **params)
@@ -389,11 +382,13 @@ def _lowering(dnn, xla, widths, narrow_dnn):
     return lower
 
 
-_conv_lowering = _lowering(_conv_dnn, _conv_xla_forms, lambda u, w: w.shape[-2:], lambda i, o: True)
-_convt_lowering = _lowering(
+_conv_lowering = _slot_lowering(
+    _conv_dnn, _conv_xla_forms, lambda u, w: w.shape[-2:], lambda i, o: True
+)
+_convt_lowering = _slot_lowering(
     _convt_dnn, _convt_xla_forms, lambda v, w: w.shape[-2:], lambda i, o: i > NARROW_MAX
 )
-_kgrad_lowering = _lowering(
+_kgrad_lowering = _slot_lowering(
     _kgrad_dnn, _kgrad_xla_forms, lambda u, v: (u.shape[-1], v.shape[-1]), lambda i, o: True
 )
 
