@@ -266,3 +266,64 @@ def test_stacked_replicas_lower_to_one_call_per_slot_and_match_a_loop(monkeypatc
         plain = jax.jit(jax.vmap(lambda *a: _critic_penalty_grads(*a)))
         assert "ggans_onednn" not in plain.lower(*args).as_text()
         assert_close(ref, plain(*args), 2e-5, "oneDNN off")
+
+
+# (replica input shape [B, H, W, ci], kernel, padding) of convolutions onto one channel at
+# stride 1: the tiny and paper generators' output layers (row lengths kw * ci of 32 and 128,
+# compiled with vector accumulators), a row length of 15 (the scalar loop), no padding, and
+# padding wider than the image on one side (border columns only).
+ONE_CHANNEL_GEOMETRIES = [
+    ((5, 28, 28, 8), (4, 4), ((1, 2), (1, 2))),
+    ((3, 28, 28, 32), (4, 4), ((1, 2), (1, 2))),
+    ((3, 9, 11, 3), (3, 5), ((0, 2), (2, 1))),
+    ((2, 7, 9, 16), (2, 3), ((0, 0), (0, 0))),
+    ((2, 5, 3, 16), (4, 4), ((3, 3), (4, 1))),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("replicas", [0, 3], ids=["one replica", "3 stacked"])
+@pytest.mark.parametrize("geometry", ONE_CHANNEL_GEOMETRIES, ids=lambda g: f"{g[0]}k{g[1]}")
+def test_one_channel_loops_equal_xla(geometry, replicas):
+    """Onto one channel at stride 1, the forward and kernel-gradient slots (direct loops, not
+    oneDNN) equal XLA's convolution and its kernel gradient, for one replica (its batch split
+    over the threads) and for stacked replicas (float32: to 1e-5 of the largest value)."""
+    shape, ks, padding = geometry
+    k = jax.random.split(jax.random.key(6), 3)
+    lead = (replicas,) if replicas else ()
+    u = jax.random.normal(k[0], (*lead, *shape))
+    w = jax.random.normal(k[1], (*lead, *ks, shape[-1], 1))
+    vs = layers.out_spatial(shape[1:-1], ks, (1, 1), padding)
+    v = jax.random.normal(k[2], (*lead, shape[0], *vs, 1))
+    kw = dict(strides=(1, 1), padding=padding, precision=jax.lax.Precision.HIGHEST)
+
+    def ref(u, v, w):
+        return layers._conv_impl(u, w, **kw), layers._kgrad_impl_xla(u, v, **kw, k_spatial=ks)
+
+    if replicas:
+        ref = jax.vmap(ref)
+    got = jax.jit(
+        lambda u, v, w: (
+            onednn.conv(u, w, (1, 1), padding, vs),
+            onednn.conv_backward_weights(u, v, (1, 1), padding, ks),
+        )
+    )(u, v, w)
+    for name, new, want in zip(("forward", "kernel gradient"), got, ref(u, v, w), strict=True):
+        assert new.shape == want.shape, name
+        assert_close(want, new, 1e-5, name)
+
+
+@needs_onednn
+def test_output_layer_lowers_to_the_one_channel_loops():
+    """The generator's output layer (8 -> 1 channel, stride 1) runs its forward and kernel
+    gradient on the kernels' calls for one replica too, where other single-channel slots stay
+    on XLA's forms: its input gradient is one XLA convolution from the one channel."""
+    x = jnp.ones((2, 28, 28, 8))
+    w = jnp.ones((4, 4, 8, 1))
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(layers.conv(x, w, strides=1, padding=((1, 2), (1, 2)))))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    assert text.count("ggans_onednn_conv_fwd") == text.count("ggans_onednn_conv_bwd_weights") == 1
+    assert "ggans_onednn_conv_bwd_data" not in text and text.count("stablehlo.convolution") == 1

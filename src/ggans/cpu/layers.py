@@ -30,7 +30,9 @@ swapped. Under ``jax.vmap`` the batching rules never emit a grouped convolution:
 activation with shared weights is folded into the batch axis, a shared activation with batched
 weights into the channel axis, and when both are batched (stacked replicas) the slot is bound
 with ``stacked=True``: on the CPU one oneDNN call over all replicas, split over the threads
-(single-channel slots included, all but the transposed convolution onto one channel);
+(single-channel slots included, all but the transposed convolution onto one channel; a
+convolution onto one channel at stride 1 runs its forward and kernel gradient on the kernels'
+direct loops, stacked or not);
 otherwise a single-channel slot's XLA forms under ``vmap`` and a wide one's N ordinary
 convolutions in a ``lax.map`` (or unrolled; see ``UNROLL_MAX``).
 
@@ -356,10 +358,18 @@ def _kgrad_xla_forms(u, v, *, vmapped: bool = False, **params):
     return _kgrad_impl(u, v, **params)
 
 
-def _slot_lowering(dnn, xla, widths, narrow_dnn):
-    """A slot's lowering, given its oneDNN call, its XLA forms, its (ci, co) from its operands
-    and whether a narrow slot of two or more stacked replicas goes to oneDNN (measured per slot:
-    all but the transposed convolution onto one channel, 2-4x slower there).
+def _one_channel(ci: int, co: int, params) -> bool:
+    """A convolution onto one output channel at stride 1 (the generator's output layer): its
+    forward and kernel gradient run as the kernels' direct loops, 3-8x faster than oneDNN and
+    XLA there, for any number of replicas."""
+    return co == 1 and all(s == 1 for s in params["strides"])
+
+
+def _slot_lowering(dnn, xla, widths, narrow_dnn, one_channel=lambda ci, co, params: False):
+    """A slot's lowering, given its oneDNN call, its XLA forms, its (ci, co) from its operands,
+    whether a narrow slot of two or more stacked replicas goes to oneDNN (measured per slot:
+    all but the transposed convolution onto one channel, 2-4x slower there) and whether it runs
+    the kernels' direct loops onto one channel (:func:`_one_channel`) with or without stacking.
 
     One replica: wide slots on oneDNN (on the CPU), the rest on the XLA forms. Stacked replicas
     (``stacked=True``, a leading replica axis on both operands): on the CPU one oneDNN call over
@@ -370,7 +380,7 @@ def _slot_lowering(dnn, xla, widths, narrow_dnn):
 
     def lower(a, b, *, cpu: bool = False, stacked: bool = False, **params):
         ci, co = widths(a, b)
-        narrow = stacked and a.shape[0] > 1 and narrow_dnn(ci, co)
+        narrow = (stacked and a.shape[0] > 1 and narrow_dnn(ci, co)) or one_channel(ci, co, params)
         if cpu and _on_onednn(a, b, ci, co, params, stacked, narrow):
             return dnn(a, b, **params)
         if not stacked:
@@ -383,13 +393,17 @@ def _slot_lowering(dnn, xla, widths, narrow_dnn):
 
 
 _conv_lowering = _slot_lowering(
-    _conv_dnn, _conv_xla_forms, lambda u, w: w.shape[-2:], lambda i, o: True
+    _conv_dnn, _conv_xla_forms, lambda u, w: w.shape[-2:], lambda i, o: True, _one_channel
 )
 _convt_lowering = _slot_lowering(
     _convt_dnn, _convt_xla_forms, lambda v, w: w.shape[-2:], lambda i, o: i > NARROW_MAX
 )
 _kgrad_lowering = _slot_lowering(
-    _kgrad_dnn, _kgrad_xla_forms, lambda u, v: (u.shape[-1], v.shape[-1]), lambda i, o: True
+    _kgrad_dnn,
+    _kgrad_xla_forms,
+    lambda u, v: (u.shape[-1], v.shape[-1]),
+    lambda i, o: True,
+    _one_channel,
 )
 
 

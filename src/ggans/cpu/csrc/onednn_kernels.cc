@@ -24,6 +24,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "one_channel.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -190,6 +191,23 @@ ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const in
   // enough of them: small convolutions do not pay for oneDNN's own threading. Plans are built
   // per thread and per threading mode (oneDNN sizes a primitive's work for its threads).
   const bool split = replicas >= 2 && ReplicaThreads() > 1;
+  // Onto one channel at stride 1, forward and kernel gradient: direct loops (one_channel.h).
+  if ((slot == kFwd || slot == kBwdWeights) && k[7] == 1 && k[10] == 1 && k[11] == 1) {
+    const one_channel::Geometry g{k[1], k[2], k[3], k[4], k[5], k[6], k[8], k[9], k[12], k[13]};
+    if (replicas >= 2) {
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < replicas; ++i) {
+        if (slot == kFwd) {
+          one_channel::ForwardAny(g, act + i * act_n, out + i * out_n, wei + i * wei_n);
+        } else {
+          one_channel::KernelGradAny(g, act + i * act_n, out + i * out_n, wei + i * wei_n);
+        }
+      }
+    } else {
+      one_channel::SplitBatch(slot == kFwd, g, act, out, wei);
+    }
+    return ffi::Error::Success();
+  }
   std::string error;
 #pragma omp parallel for schedule(static) if (split) num_threads(ReplicaThreads())
   for (int64_t i = 0; i < replicas; ++i) {
