@@ -327,3 +327,40 @@ def test_output_layer_lowers_to_the_one_channel_loops():
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
     assert text.count("ggans_onednn_conv_fwd") == text.count("ggans_onednn_conv_bwd_weights") == 1
     assert "ggans_onednn_conv_bwd_data" not in text and text.count("stablehlo.convolution") == 1
+
+
+# (replica input shape [B, H, W, ci], co, kernel, strides, padding) whose backward data runs on
+# the kernels' direct loops (4 kernel rows of kw * ci = 32 or 64 floats, from 8 or more
+# channels): the tiny model's transposed convolutions and its critic's input gradient,
+# one-sided and no padding, uneven strides, and an input row and column no output reaches.
+BACKWARD_DATA_GEOMETRIES = [
+    ((3, 28, 28, 8), 16, (4, 4), (2, 2), ((1, 1), (1, 1))),
+    ((3, 14, 14, 16), 16, (4, 4), (2, 2), ((2, 1), (2, 1))),
+    ((5, 14, 14, 8), 16, (4, 4), (1, 1), ((1, 2), (1, 2))),
+    ((2, 10, 11, 16), 12, (4, 4), (2, 3), ((0, 2), (1, 0))),
+    ((2, 9, 9, 8), 8, (4, 4), (2, 2), ((0, 0), (0, 0))),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("replicas", [0, 3], ids=["one replica", "3 stacked"])
+@pytest.mark.parametrize("geometry", BACKWARD_DATA_GEOMETRIES, ids=lambda g: f"{g[0]}s{g[3]}")
+def test_backward_data_loops_equal_xla(geometry, replicas):
+    """The backward data onto few channels (direct loops, not oneDNN) equals XLA's transposed
+    convolution, for one replica (its images split over the threads) and for stacked replicas
+    (float32: to 1e-5 of the largest value)."""
+    shape, co, ks, strides, padding = geometry
+    k = jax.random.split(jax.random.key(7), 2)
+    lead = (replicas,) if replicas else ()
+    w = jax.random.normal(k[0], (*lead, *ks, shape[-1], co))
+    vs = layers.out_spatial(shape[1:-1], ks, strides, padding)
+    v = jax.random.normal(k[1], (*lead, shape[0], *vs, co))
+    kw = dict(strides=strides, padding=padding, precision=jax.lax.Precision.HIGHEST)
+
+    def ref(v, w):
+        return layers._convt_impl_xla(v, w, **kw, u_spatial=shape[1:-1])
+
+    want = jax.vmap(ref)(v, w) if replicas else ref(v, w)
+    got = jax.jit(lambda v, w: onednn.conv_backward_data(v, w, strides, padding, shape[1:-1]))(v, w)
+    assert got.shape == want.shape
+    assert_close(want, got, 1e-5, "backward data")

@@ -58,7 +58,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / f for f in ("onednn_kernels.cc", "adam_kernel.cc")]
-HEADERS = [Path(__file__).parent / "csrc" / "one_channel.h"]
+HEADERS = [
+    Path(__file__).parent / "csrc" / f for f in ("vec16.h", "one_channel.h", "backward_data.h")
+]
 ADAM_TARGET = "ggans_adam"  # ggans.adam's one-pass update, built into the same library
 TARGETS = {
     "fwd": ("ggans_onednn_conv_fwd", "GgansConvFwd"),

@@ -24,6 +24,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "backward_data.h"
 #include "one_channel.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -206,6 +207,14 @@ ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const in
     } else {
       one_channel::SplitBatch(slot == kFwd, g, act, out, wei);
     }
+    return ffi::Error::Success();
+  }
+  // Backward data onto few channels (kernel rows of 32 or 64 floats): direct loops
+  // (backward_data.h).
+  const backward_data::Geometry bd{k[1], k[2], k[3],  k[4],  k[5],  k[6], k[7],
+                                   k[8], k[9], k[10], k[11], k[12], k[13]};
+  if (slot == kBwdData && backward_data::Serves(bd)) {
+    backward_data::Run(bd, replicas, out, act, wei);
     return ffi::Error::Success();
   }
   std::string error;
