@@ -331,14 +331,17 @@ def test_output_layer_lowers_to_the_one_channel_loops():
 
 # (replica input shape [B, H, W, ci], co, kernel, strides, padding) whose backward data runs on
 # the kernels' direct loops (4 kernel rows of kw * ci = 32 or 64 floats, from 8 or more
-# channels): the tiny model's transposed convolutions and its critic's input gradient,
-# one-sided and no padding, uneven strides, and an input row and column no output reaches.
+# channels; or onto one channel, at most 16 taps): the tiny model's transposed convolutions and
+# its critic's input gradients, one-sided and no padding, uneven strides, and an input row and
+# column no output reaches.
 BACKWARD_DATA_GEOMETRIES = [
     ((3, 28, 28, 8), 16, (4, 4), (2, 2), ((1, 1), (1, 1))),
     ((3, 14, 14, 16), 16, (4, 4), (2, 2), ((2, 1), (2, 1))),
     ((5, 14, 14, 8), 16, (4, 4), (1, 1), ((1, 2), (1, 2))),
     ((2, 10, 11, 16), 12, (4, 4), (2, 3), ((0, 2), (1, 0))),
     ((2, 9, 9, 8), 8, (4, 4), (2, 2), ((0, 0), (0, 0))),
+    ((3, 28, 28, 1), 8, (4, 4), (2, 2), ((1, 1), (1, 1))),
+    ((2, 9, 10, 1), 5, (3, 5), (2, 1), ((0, 2), (2, 1))),
 ]
 
 
@@ -364,3 +367,22 @@ def test_backward_data_loops_equal_xla(geometry, replicas):
     got = jax.jit(lambda v, w: onednn.conv_backward_data(v, w, strides, padding, shape[1:-1]))(v, w)
     assert got.shape == want.shape
     assert_close(want, got, 1e-5, "backward data")
+
+
+@needs_onednn
+def test_critic_input_gradient_lowers_to_the_loops():
+    """The input gradient of the critic's first convolution (1 -> 8 channels, stride 2), a
+    transposed convolution onto one channel, runs on the kernels' call for one replica and for
+    stacked replicas, not on XLA's forms."""
+    x = jnp.ones((2, 28, 28, 1))
+    w = jnp.ones((4, 4, 1, 8))
+
+    def critic(x, w):
+        return jnp.sum(jnp.tanh(layers.conv(x, w, strides=2, padding=((1, 1), (1, 1)))))
+
+    grad = jax.grad(critic)
+    stacked = (jnp.stack([x, x]), jnp.stack([w, w]))
+    for fn, args in ((grad, (x, w)), (jax.vmap(grad), stacked)):
+        text = jax.jit(fn).lower(*args).as_text()
+        assert text.count("ggans_onednn_conv_bwd_data") == 1
+        assert "stablehlo.dot_general" not in text and "stablehlo.pad" not in text

@@ -358,18 +358,27 @@ def _kgrad_xla_forms(u, v, *, vmapped: bool = False, **params):
     return _kgrad_impl(u, v, **params)
 
 
-def _one_channel(ci: int, co: int, params) -> bool:
-    """A convolution onto one output channel at stride 1 (the generator's output layer): its
-    forward and kernel gradient run as the kernels' direct loops, 3-8x faster than oneDNN and
-    XLA there, for any number of replicas."""
-    return co == 1 and all(s == 1 for s in params["strides"])
+# Slots onto one channel that run on the kernels' direct loops (``csrc/one_channel.h``,
+# ``csrc/backward_data.h``), stacked or not, where oneDNN and XLA's forms are 3-8x slower: a
+# convolution's forward and kernel gradient at stride 1 (the generator's output layer), and a
+# transposed convolution of at most 16 taps (the critic's input gradient).
+def _direct_conv(u, w, params) -> bool:
+    return w.shape[-1] == 1 and all(s == 1 for s in params["strides"])
 
 
-def _slot_lowering(dnn, xla, widths, narrow_dnn, one_channel=lambda ci, co, params: False):
+def _direct_kgrad(u, v, params) -> bool:
+    return v.shape[-1] == 1 and all(s == 1 for s in params["strides"])
+
+
+def _direct_convt(v, w, params) -> bool:
+    return w.shape[-2] == 1 and math.prod(w.shape[-4:-2]) <= 16
+
+
+def _slot_lowering(dnn, xla, widths, narrow_dnn, direct):
     """A slot's lowering, given its oneDNN call, its XLA forms, its (ci, co) from its operands,
     whether a narrow slot of two or more stacked replicas goes to oneDNN (measured per slot:
-    all but the transposed convolution onto one channel, 2-4x slower there) and whether it runs
-    the kernels' direct loops onto one channel (:func:`_one_channel`) with or without stacking.
+    all but the transposed convolution onto one channel, 2-4x slower there) and whether its
+    operands run the kernels' direct loops, with or without stacking (``_direct_*`` above).
 
     One replica: wide slots on oneDNN (on the CPU), the rest on the XLA forms. Stacked replicas
     (``stacked=True``, a leading replica axis on both operands): on the CPU one oneDNN call over
@@ -380,7 +389,7 @@ def _slot_lowering(dnn, xla, widths, narrow_dnn, one_channel=lambda ci, co, para
 
     def lower(a, b, *, cpu: bool = False, stacked: bool = False, **params):
         ci, co = widths(a, b)
-        narrow = (stacked and a.shape[0] > 1 and narrow_dnn(ci, co)) or one_channel(ci, co, params)
+        narrow = (stacked and a.shape[0] > 1 and narrow_dnn(ci, co)) or direct(a, b, params)
         if cpu and _on_onednn(a, b, ci, co, params, stacked, narrow):
             return dnn(a, b, **params)
         if not stacked:
@@ -393,17 +402,21 @@ def _slot_lowering(dnn, xla, widths, narrow_dnn, one_channel=lambda ci, co, para
 
 
 _conv_lowering = _slot_lowering(
-    _conv_dnn, _conv_xla_forms, lambda u, w: w.shape[-2:], lambda i, o: True, _one_channel
+    _conv_dnn, _conv_xla_forms, lambda u, w: w.shape[-2:], lambda i, o: True, _direct_conv
 )
 _convt_lowering = _slot_lowering(
-    _convt_dnn, _convt_xla_forms, lambda v, w: w.shape[-2:], lambda i, o: i > NARROW_MAX
+    _convt_dnn,
+    _convt_xla_forms,
+    lambda v, w: w.shape[-2:],
+    lambda i, o: i > NARROW_MAX,
+    _direct_convt,
 )
 _kgrad_lowering = _slot_lowering(
     _kgrad_dnn,
     _kgrad_xla_forms,
     lambda u, v: (u.shape[-1], v.shape[-1]),
     lambda i, o: True,
-    _one_channel,
+    _direct_kgrad,
 )
 
 

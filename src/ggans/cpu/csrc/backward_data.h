@@ -22,6 +22,7 @@ namespace backward_data {
 using vec16::Load;
 using vec16::Store;
 using vec16::V16;
+typedef float V4 __attribute__((vector_size(16)));
 
 struct Geometry {
   int64_t b, h, w, ci, ho, wo, co, kh, kw, sh, sw, pt, pl;
@@ -83,8 +84,73 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) inline void ImagesA
   }
 }
 
-// The kernel [kh, kw, ci, co] as [kh, co, kw * ci].
+inline void RearrangeRows(const Geometry& g, const float* wei, float* wr);
+
+// Onto one channel (ci = 1, at most 16 taps): each v pixel's tap values sum_co v[y, x, co] *
+// W[:, :, 0, co] as one vector, added tap by tap into the padded image.
+inline bool ServesOneChannel(const Geometry& g) { return g.ci == 1 && g.kh * g.kw <= 16; }
+
+inline __attribute__((always_inline)) void ImagesOntoOne(const Geometry& g,
+                                                         const float* __restrict__ v,
+                                                         float* __restrict__ u,
+                                                         const float* __restrict__ wt,
+                                                         float* __restrict__ pad) {
+  const int64_t prow = PadCols(g), size = PadSize(g);
+  for (int64_t b = 0; b < g.b; ++b) {
+    std::memset(pad, 0, sizeof(float) * size);
+    for (int64_t y = 0; y < g.ho; ++y) {
+      for (int64_t x = 0; x < g.wo; ++x) {
+        const float* vx = v + ((b * g.ho + y) * g.wo + x) * g.co;
+        V16 t = {};
+        for (int64_t c = 0; c < g.co; ++c) t += vx[c] * Load(wt + 16 * c);
+        float* p = pad + (g.sh * y) * prow + g.sw * x;
+        alignas(64) float taps[16];
+        Store(taps, t);
+        if (g.kw == 4) {  // a kernel row as one 4-float vector
+          for (int64_t i = 0; i < g.kh; ++i) {
+            V4 row, add;
+            std::memcpy(&row, p + i * prow, sizeof row);
+            std::memcpy(&add, taps + 4 * i, sizeof add);
+            row += add;
+            std::memcpy(p + i * prow, &row, sizeof row);
+          }
+        } else {
+          for (int64_t i = 0; i < g.kh; ++i) {
+            for (int64_t j = 0; j < g.kw; ++j) p[i * prow + j] += taps[i * g.kw + j];
+          }
+        }
+      }
+    }
+    for (int64_t y = 0; y < g.h; ++y) {
+      std::memcpy(u + (b * g.h + y) * g.w, pad + (y + g.pt) * prow + g.pl,
+                  sizeof(float) * g.w);
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) inline void ImagesOntoOneAny(
+    const Geometry& g, const float* v, float* u, const float* wt, float* pad) {
+  ImagesOntoOne(g, v, u, wt, pad);
+}
+
+// The kernel [kh, kw, ci, co] as [kh, co, kw * ci] (rank-one rows), or, onto one channel, as
+// [co, 16] (the taps, zero beyond kh * kw).
+inline int64_t ArrangedSize(const Geometry& g) {
+  return ServesOneChannel(g) ? 16 * g.co : g.kh * g.kw * g.ci * g.co;
+}
+
 inline void Rearrange(const Geometry& g, const float* wei, float* wr) {
+  if (ServesOneChannel(g)) {
+    std::fill(wr, wr + 16 * g.co, 0.f);
+    for (int64_t t = 0; t < g.kh * g.kw; ++t)
+      for (int64_t o = 0; o < g.co; ++o) wr[16 * o + t] = wei[t * g.co + o];
+    return;
+  }
+  RearrangeRows(g, wei, wr);
+}
+
+// The kernel [kh, kw, ci, co] as [kh, co, kw * ci].
+inline void RearrangeRows(const Geometry& g, const float* wei, float* wr) {
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j)
       for (int64_t c = 0; c < g.ci; ++c)
@@ -102,7 +168,7 @@ inline void Run(const Geometry& g, int64_t replicas, const float* v, float* u, c
   const int64_t per = (g.b + parts - 1) / parts;  // images per part when one replica
 #pragma omp parallel num_threads(std::min(threads, parts))
   {
-    std::vector<float> wr(w_n), pad(PadSize(g));
+    std::vector<float> wr(ArrangedSize(g)), pad(PadSize(g));
     int64_t arranged = -1;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < parts; ++t) {
@@ -114,9 +180,12 @@ inline void Run(const Geometry& g, int64_t replicas, const float* v, float* u, c
         b0 = t * per;
         part.b = std::max<int64_t>(0, std::min(g.b, b0 + per) - b0);
       }
-      if (part.b) {
-        ImagesAny(part, v + r * v_n + b0 * g.ho * g.wo * g.co, u + r * u_n + b0 * g.h * g.w * g.ci,
-                  wr.data(), pad.data());
+      const float* vp = v + r * v_n + b0 * g.ho * g.wo * g.co;
+      float* up = u + r * u_n + b0 * g.h * g.w * g.ci;
+      if (part.b && ServesOneChannel(g)) {
+        ImagesOntoOneAny(part, vp, up, wr.data(), pad.data());
+      } else if (part.b) {
+        ImagesAny(part, vp, up, wr.data(), pad.data());
       }
     }
   }

@@ -209,11 +209,11 @@ ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const in
     }
     return ffi::Error::Success();
   }
-  // Backward data onto few channels (kernel rows of 32 or 64 floats): direct loops
+  // Backward data onto few channels (kernel rows of 32 or 64 floats) or onto one: direct loops
   // (backward_data.h).
   const backward_data::Geometry bd{k[1], k[2], k[3],  k[4],  k[5],  k[6], k[7],
                                    k[8], k[9], k[10], k[11], k[12], k[13]};
-  if (slot == kBwdData && backward_data::Serves(bd)) {
+  if (slot == kBwdData && (backward_data::Serves(bd) || backward_data::ServesOneChannel(bd))) {
     backward_data::Run(bd, replicas, out, act, wei);
     return ffi::Error::Success();
   }
