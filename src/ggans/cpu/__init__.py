@@ -5,7 +5,9 @@ compiled on first use (:mod:`ggans.cpu.onednn`). It plugs into the core through
 :class:`ggans.impls.Impl`:
 
 * :mod:`ggans.cpu.layers`: Flax-compatible layers whose convolutions, transposed convolutions
-  and kernel gradients (of every order) run on oneDNN or in the layouts XLA's CPU runs fast;
+  and kernel gradients (of every order) run on oneDNN, on direct loops where oneDNN is slow
+  (one channel, strided backward data onto few channels), or in the layouts XLA's CPU runs
+  fast;
 * :mod:`ggans.cpu.adam`: ``optax.adam``'s update in one in-place pass over each large leaf;
 * :mod:`ggans.cpu.gradsum`: WGAN-GP's three kernel-gradient products of a dense layer as one;
 * copy insertion with region analysis for the compiled round.
