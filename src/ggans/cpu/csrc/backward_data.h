@@ -170,7 +170,7 @@ inline void Run(const Geometry& g, int64_t replicas, const float* v, float* u, c
   {
     std::vector<float> wr(ArrangedSize(g)), pad(PadSize(g));
     int64_t arranged = -1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < parts; ++t) {
       const int64_t r = replicas >= 2 ? t : 0;
       if (r != arranged) Rearrange(g, wei + r * w_n, wr.data()), arranged = r;
