@@ -30,9 +30,9 @@ swapped. Under ``jax.vmap`` the batching rules never emit a grouped convolution:
 activation with shared weights is folded into the batch axis, a shared activation with batched
 weights into the channel axis, and when both are batched (stacked replicas) the slot is bound
 with ``stacked=True``: on the CPU one oneDNN call over all replicas, split over the threads
-(single-channel slots included, all but the transposed convolution onto one channel; a
-convolution onto one channel at stride 1 runs its forward and kernel gradient on the kernels'
-direct loops, stacked or not);
+(single-channel slots included, all but the transposed convolution onto one channel; the
+kernels run the slots oneDNN is slow at as direct loops, and the slots onto one channel that
+XLA's forms are slow at go to them stacked or not: see ``_direct_conv`` and its siblings);
 otherwise a single-channel slot's XLA forms under ``vmap`` and a wide one's N ordinary
 convolutions in a ``lax.map`` (or unrolled; see ``UNROLL_MAX``).
 

@@ -10,10 +10,12 @@ convolution with non-negative padding, on the CPU; with a leading replica axis o
 (stacked replicas), one call runs them all, split over the OpenMP threads, one single-threaded
 convolution per replica (``GGANS_ONEDNN_REPLICA_THREADS=1``: one replica after another, each on
 oneDNN's own threads), which for the tiny model's layers is 4-6x faster than a loop of calls.
-A convolution onto one output channel at stride 1 (the generator's output layer) runs its
-forward and kernel gradient as direct loops instead (``csrc/one_channel.h``: oneDNN leaves its
-vector lanes idle there), 3-8x faster than oneDNN and XLA, one replica's batch split over the
-threads.
+Where oneDNN is slow the kernels run direct, vectorised loops instead, one replica's batch
+split over the threads: a convolution onto one output channel at stride 1 (the generator's
+output layer: forward and kernel gradient, ``csrc/one_channel.h``; oneDNN leaves its vector
+lanes idle there, 3-8x slower), a strided backward data onto 8-16 channels and a transposed
+convolution onto one channel (``csrc/backward_data.h``; oneDNN's strided backward data runs at
+a third of its forward's rate).
 
 A dense layer's products with few rows and a large kernel (the paper's 6272 x 1024 layers at
 batch 32 and 64: x @ W and its transposes) run on oneDNN's matmul where :func:`skinny` says so;
