@@ -302,8 +302,9 @@ NARROW_MAX = 1
 def _on_onednn(a, b, ci: int, co: int, params, stacked: bool, narrow: bool) -> bool:
     """On the CPU, wide 2-d float32 slots run on oneDNN, with or without a leading replica axis
     (``stacked``). A single-channel side stays on the forms above (D's first forward
-    convolution: 0.2-0.3 ms on XLA, 2.0 ms in PyTorch's oneDNN) unless ``narrow`` (stacked
-    replicas, where oneDNN's calls split over the threads win)."""
+    convolution: 0.2-0.3 ms on XLA, 2.0 ms in PyTorch's oneDNN) unless ``narrow``: stacked
+    replicas, where oneDNN's calls split over the threads win, or a slot the kernels run as
+    direct loops (``_direct_*``)."""
     wide = narrow or min(ci, co) > NARROW_MAX
     return wide and onednn.available(a, b, padding=params["padding"], stacked=stacked)
 

@@ -34,11 +34,12 @@ inline bool Serves(const Geometry& g) {
   return g.kh == 4 && (g.kw * g.ci == 32 || g.kw * g.ci == 64) && g.co >= 8;
 }
 
-// One replica. wr: the kernel as [kh, co, kw * ci]; pad: scratch of PadSize(g) floats.
+// The padded image the loops accumulate one image into: every kernel row's segment fits.
 inline int64_t PadRows(const Geometry& g) { return std::max(g.sh * (g.ho - 1) + g.kh, g.h + g.pt); }
 inline int64_t PadCols(const Geometry& g) { return std::max(g.sw * (g.wo - 1) + g.kw, g.w + g.pl); }
 inline int64_t PadSize(const Geometry& g) { return PadRows(g) * PadCols(g) * g.ci; }
 
+// One replica's images. wr: the kernel as [kh, co, kw * ci]; pad: scratch of PadSize(g) floats.
 template <int L>
 inline __attribute__((always_inline)) void Images(const Geometry& g,
                                                   const float* __restrict__ v,
@@ -83,8 +84,6 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) inline void ImagesA
     Images<64>(g, v, u, wr, pad);
   }
 }
-
-inline void RearrangeRows(const Geometry& g, const float* wei, float* wr);
 
 // Onto one channel (ci = 1, at most 16 taps): each v pixel's tap values sum_co v[y, x, co] *
 // W[:, :, 0, co] as one vector, added tap by tap into the padded image.
@@ -133,6 +132,15 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) inline void ImagesO
   ImagesOntoOne(g, v, u, wt, pad);
 }
 
+// The kernel [kh, kw, ci, co] as [kh, co, kw * ci].
+inline void RearrangeRows(const Geometry& g, const float* wei, float* wr) {
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      for (int64_t c = 0; c < g.ci; ++c)
+        for (int64_t o = 0; o < g.co; ++o)
+          wr[(i * g.co + o) * g.kw * g.ci + j * g.ci + c] = wei[((i * g.kw + j) * g.ci + c) * g.co + o];
+}
+
 // The kernel [kh, kw, ci, co] as [kh, co, kw * ci] (rank-one rows), or, onto one channel, as
 // [co, 16] (the taps, zero beyond kh * kw).
 inline int64_t ArrangedSize(const Geometry& g) {
@@ -147,15 +155,6 @@ inline void Rearrange(const Geometry& g, const float* wei, float* wr) {
     return;
   }
   RearrangeRows(g, wei, wr);
-}
-
-// The kernel [kh, kw, ci, co] as [kh, co, kw * ci].
-inline void RearrangeRows(const Geometry& g, const float* wei, float* wr) {
-  for (int64_t i = 0; i < g.kh; ++i)
-    for (int64_t j = 0; j < g.kw; ++j)
-      for (int64_t c = 0; c < g.ci; ++c)
-        for (int64_t o = 0; o < g.co; ++o)
-          wr[(i * g.co + o) * g.kw * g.ci + j * g.ci + c] = wei[((i * g.kw + j) * g.ci + c) * g.co + o];
 }
 
 // R replicas (operands with a leading replica axis, or R = 1): split over the OpenMP threads by

@@ -33,10 +33,13 @@ inline void Rows(const Geometry& g, int64_t y, int64_t* i0, int64_t* i1) {
   *i1 = std::min<int64_t>(g.kh, g.h + g.pt - y);
 }
 
-// Output columns [*lo, *hi) whose kernel row lies wholly inside the image.
+// Output columns [*lo, *hi) whose kernel row lies wholly inside the image, run on vectors
+// when L (below) is known; none when L = 0.
+template <int L>
 inline void Interior(const Geometry& g, int64_t* lo, int64_t* hi) {
   *lo = std::min(g.wo, g.pl);
   *hi = std::max(*lo, std::min(g.wo, g.w + g.pl - g.kw + 1));
+  if (!L) *lo = *hi = g.wo;
 }
 
 // Output column x's kernel row, clipped to the image: flat (j, c) indices [*c0, *c1).
@@ -55,8 +58,7 @@ inline __attribute__((always_inline)) void Forward(const Geometry& g,
                                                    const float* __restrict__ wei) {
   const int64_t len = g.kw * g.ci, row = g.w * g.ci;
   int64_t x_lo, x_hi;
-  Interior(g, &x_lo, &x_hi);
-  if (!L) x_lo = x_hi = g.wo;
+  Interior<L>(g, &x_lo, &x_hi);
   for (int64_t b = 0; b < g.b; ++b) {
     for (int64_t y = 0; y < g.ho; ++y) {
       int64_t i0, i1;
@@ -97,8 +99,7 @@ inline __attribute__((always_inline)) void KernelGrad(const Geometry& g,
   const int64_t len = g.kw * g.ci, row = g.w * g.ci;
   std::memset(wei, 0, sizeof(float) * g.kh * len);
   int64_t x_lo, x_hi;
-  Interior(g, &x_lo, &x_hi);
-  if (!L) x_lo = x_hi = g.wo;
+  Interior<L>(g, &x_lo, &x_hi);
   for (int64_t b = 0; b < g.b; ++b) {
     for (int64_t y = 0; y < g.ho; ++y) {
       int64_t i0, i1;
@@ -153,12 +154,26 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) inline void KernelG
 
 #undef GGANS_ONE_CHANNEL_CASES
 
-// One replica, its batch split over the OpenMP threads: the forward writes disjoint outputs;
-// the kernel gradient adds each thread's partial kernel.
-inline void SplitBatch(bool forward, const Geometry& g, const float* act, float* out,
-                       float* wei) {
+// R replicas (operands with a leading replica axis, or R = 1): split over the OpenMP threads by
+// replica, or one replica's batch split over them (each thread's partial kernel gradient then
+// added). forward: out from act and wei; else wei from act and out.
+inline void Run(bool forward, const Geometry& g, int64_t replicas, const float* act, float* out,
+                float* wei) {
+  const int64_t act_n = g.b * g.h * g.w * g.ci, out_n = g.b * g.ho * g.wo;
+  const int64_t kernel = g.kh * g.kw * g.ci;
+  if (replicas >= 2) {
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t i = 0; i < replicas; ++i) {
+      if (forward) {
+        ForwardAny(g, act + i * act_n, out + i * out_n, wei + i * kernel);
+      } else {
+        KernelGradAny(g, act + i * act_n, out + i * out_n, wei + i * kernel);
+      }
+    }
+    return;
+  }
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), g.b));
-  const int64_t kernel = g.kh * g.kw * g.ci, per = (g.b + threads - 1) / threads;
+  const int64_t per = (g.b + threads - 1) / threads;
   std::vector<float> partial(forward ? 0 : threads * kernel);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < threads; ++t) {

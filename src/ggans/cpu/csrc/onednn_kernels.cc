@@ -188,28 +188,10 @@ ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const in
         pads[3]};
   const int64_t act_n = Prod(act_dims, o, r), out_n = Prod(out_dims, o, r);
   const int64_t wei_n = Prod(wei_dims, o, r);
-  // Replicas split over the threads, one single-threaded convolution each, when there are
-  // enough of them: small convolutions do not pay for oneDNN's own threading. Plans are built
-  // per thread and per threading mode (oneDNN sizes a primitive's work for its threads).
-  // Replicas are handed out one at a time (dynamic schedule): XLA runs other operations on the
-  // same cores meanwhile, and a static split waits for the thread they slowed (tiny model:
-  // 7-10% faster a round).
-  const bool split = replicas >= 2 && ReplicaThreads() > 1;
   // Onto one channel at stride 1, forward and kernel gradient: direct loops (one_channel.h).
   if ((slot == kFwd || slot == kBwdWeights) && k[7] == 1 && k[10] == 1 && k[11] == 1) {
     const one_channel::Geometry g{k[1], k[2], k[3], k[4], k[5], k[6], k[8], k[9], k[12], k[13]};
-    if (replicas >= 2) {
-#pragma omp parallel for schedule(dynamic)
-      for (int64_t i = 0; i < replicas; ++i) {
-        if (slot == kFwd) {
-          one_channel::ForwardAny(g, act + i * act_n, out + i * out_n, wei + i * wei_n);
-        } else {
-          one_channel::KernelGradAny(g, act + i * act_n, out + i * out_n, wei + i * wei_n);
-        }
-      }
-    } else {
-      one_channel::SplitBatch(slot == kFwd, g, act, out, wei);
-    }
+    one_channel::Run(slot == kFwd, g, replicas, act, out, wei);
     return ffi::Error::Success();
   }
   // Backward data onto few channels (kernel rows of 32 or 64 floats) or onto one: direct loops
@@ -220,6 +202,13 @@ ffi::Error Run(Slot slot, float* act, float* out, float* wei, ffi::Span<const in
     backward_data::Run(bd, replicas, out, act, wei);
     return ffi::Error::Success();
   }
+  // Replicas split over the threads, one single-threaded convolution each, when there are
+  // enough of them: small convolutions do not pay for oneDNN's own threading. Plans are built
+  // per thread and per threading mode (oneDNN sizes a primitive's work for its threads).
+  // Replicas are handed out one at a time (dynamic schedule): XLA runs other operations on the
+  // same cores meanwhile, and a static split waits for the thread they slowed (tiny model:
+  // 7-10% faster a round).
+  const bool split = replicas >= 2 && ReplicaThreads() > 1;
   std::string error;
 #pragma omp parallel for schedule(dynamic) if (split) num_threads(ReplicaThreads())
   for (int64_t i = 0; i < replicas; ++i) {
