@@ -1,6 +1,5 @@
 """The shipped MNIST classifier: accuracy on the real test split, integrity check, shapes."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -16,16 +15,7 @@ from ggans.classifier import (
     load_classifier,
     random_shift,
 )
-from ggans.data import DATA_DIR_ENV, load_mnist
 from ggans.errors import DataError
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    folder = os.environ.get(DATA_DIR_ENV)
-    if not folder or not Path(folder).is_dir():
-        pytest.skip(f"MNIST IDX folder not available (set ${DATA_DIR_ENV})")
-    return load_mnist(folder)
 
 
 def test_shipped_weights_test_accuracy(mnist):

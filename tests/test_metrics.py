@@ -1,14 +1,12 @@
 """MNIST score and Fréchet distances: exact identities, a scipy cross-check, real MNIST figures."""
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 
 from ggans.classifier import load_classifier
-from ggans.data import DATA_DIR_ENV, load_mnist, to_model_range
+from ggans.data import to_model_range
 from ggans.metrics import (
     RealStats,
     classify,
@@ -83,14 +81,6 @@ def test_mnist_score_limits_and_batching():
     assert ms.shape == (3,)
     np.testing.assert_allclose(ms, [10.0, 1.0, 1.0], rtol=1e-9)
     assert np.ndim(mnist_score(confident)) == 0
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    folder = os.environ.get(DATA_DIR_ENV)
-    if not folder or not Path(folder).is_dir():
-        pytest.skip(f"MNIST IDX folder not available (set ${DATA_DIR_ENV})")
-    return load_mnist(folder)
 
 
 @pytest.fixture(scope="module")
