@@ -1,6 +1,5 @@
 """MNIST score and Fréchet distances: exact identities, a scipy cross-check, real MNIST figures."""
 
-
 import numpy as np
 import pytest
 import scipy.linalg
