@@ -1,6 +1,13 @@
 """Regression guard for refactors: a tiny fixed-seed run of each protocol gives the rows recorded
 in ``tests/golden/`` (wall times aside). Record again, deliberately, with
-``GGANS_RECORD_GOLDEN=1 pytest tests/test_golden.py`` when a change is meant to alter results."""
+``GGANS_RECORD_GOLDEN=1 pytest tests/test_golden.py`` when a change is meant to alter results.
+
+The rows must not hang on the last bit of float rounding, which differs between CPUs, layer sets
+and XLA's optimisation levels. Under WGAN-GP they do: with leaky ReLUs the penalty jumps when a
+unit's input crosses zero, and rounding picks the side (seed 7 moved a machine's round-1 d_loss
+by 0.3% between two CPUs). So the golden runs use the non-saturating loss and a seed whose rows
+agreed within a sixth of the tolerance across six numeric paths (the CPU plug-in, ``patches`` and
+``flax``; XLA at optimisation level 0 and default; one thread), measured 2026-12-06."""
 
 from __future__ import annotations
 
@@ -26,8 +33,8 @@ def golden_settings(protocol: str) -> dict:
         "protocol": {"name": protocol},
         "local_steps": 3,
         "iterations": 6,
-        "seed": 7,
-        "model": {"arch": "tiny", "noise_dim": 16, "batch_size": 8},
+        "seed": 1,
+        "model": {"arch": "tiny", "loss": "nonsat", "noise_dim": 16, "batch_size": 8},
         "data": {"fraction": 0.01},
         "faults": {"node_drop": 0.2, "message_loss": 0.2},
         "eval": {"samples": 64, "grid_replicas": 0},
@@ -47,19 +54,27 @@ def assert_rows_close(got, want, rtol: float = 1e-4) -> None:
     for g, w in zip(got, want, strict=True):
         assert sorted(g) == sorted(w)
         for key, value in w.items():
-            assert _close(g[key], value, rtol), (w["round"], key, g[key], value)
+            close = _close(g[key], value, rtol, _floor(w, key, rtol))
+            assert close, (w["round"], key, g[key], value)
 
 
-def _close(got, want, rtol: float) -> bool:
+def _floor(row: dict, key: str, rtol: float) -> float:
+    """The absolute tolerance of ``key``: a spread's rounding error scales with the values'
+    size (its ``_mean``), not with the spread itself."""
+    mean = row.get(key.removesuffix("_std") + "_mean") if key.endswith("_std") else None
+    return max(1e-6, rtol * abs(mean)) if isinstance(mean, float) else 1e-6
+
+
+def _close(got, want, rtol: float, floor: float = 1e-6) -> bool:
     """Floats (alone or in per-machine lists) to ``rtol``; everything else exactly."""
     if isinstance(want, list):
         return (
             isinstance(got, list)
             and len(got) == len(want)
-            and all(_close(a, b, rtol) for a, b in zip(got, want, strict=True))
+            and all(_close(a, b, rtol, floor) for a, b in zip(got, want, strict=True))
         )
     if isinstance(want, float) and not math.isnan(want):
-        return isinstance(got, float) and got == pytest.approx(want, rel=rtol, abs=1e-6)
+        return isinstance(got, float) and got == pytest.approx(want, rel=rtol, abs=floor)
     return got == want
 
 
