@@ -96,6 +96,22 @@ def test_rows_sum_to_one_and_only_the_rounds_edges_carry_weight(protocol, name):
                 assert not (off > 0)[~adj.T].any(), "weight on a pair that is not an edge"
 
 
+@pytest.mark.parametrize("n", [10, 100])
+def test_with_one_peer_a_round_neighbourhood_is_gossips_mixing(n):
+    """On the one-peer exponential graph each machine has one in-neighbour a round, so
+    Metropolis-Hastings weights and gossip's average with what arrived are both 1/2: the two
+    protocols mix identically (REPRODUCTION runs one of them at N = 100)."""
+    spec = TopologySpec("one_peer_exponential")
+    for r in range(8):
+        key = jax.random.fold_in(jax.random.key(3), r)
+        gossip = round_mixing("gossip", key, n, (10, 20), topology=spec, r=r)
+        neighbourhood = round_mixing("neighbourhood", key, n, (10, 20), topology=spec, r=r)
+        for a, b in zip(gossip[:2], neighbourhood[:2], strict=True):
+            np.testing.assert_array_equal(np.asarray(a.matrix()), np.asarray(b.matrix()))
+        np.testing.assert_array_equal(gossip[2].sent, neighbourhood[2].sent)
+        np.testing.assert_array_equal(gossip[2].received, neighbourhood[2].received)
+
+
 def test_neighbourhood_weights_are_metropolis_hastings():
     n = 6
     g, _, traffic = round_mixing("neighbourhood", jax.random.key(0), n, (3, 5),
