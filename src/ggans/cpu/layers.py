@@ -556,30 +556,23 @@ def _stack(prim, a, b, bda, bdb, params):
     return y.reshape(n, r, *y.shape[1:]), 0
 
 
-def _conv_batch(args, dims, **params):
-    u, w = args
-    bu, bw = dims
-    if params["stacked"] or (bu is not None and bw is not None):
-        return _stack(conv_p, u, w, bu, bw, params)
-    if bw is None:
-        uf, n = _fold_batch(u, bu)
-        return _unfold_batch(conv_p.bind(uf, w, **params), n), 0
-    # shared input, N kernels: N*co output channels
-    wf, n = _fold_channels(w, bw, -1)
-    return _unfold_channels(conv_p.bind(u, wf, **params), n, -1), 0
+def _weight_batcher(prim, w_channels: int):
+    """The batching rule of a slot whose second operand is a kernel (convolution, transposed
+    convolution). One kernel for N inputs folds the inputs into the batch; N kernels for one
+    input fold into the kernel's output channels (axis `w_channels`), N*c output channels."""
 
+    def rule(args, dims, **params):
+        x, w = args
+        bx, bw = dims
+        if params["stacked"] or (bx is not None and bw is not None):
+            return _stack(prim, x, w, bx, bw, params)
+        if bw is None:
+            xf, n = _fold_batch(x, bx)
+            return _unfold_batch(prim.bind(xf, w, **params), n), 0
+        wf, n = _fold_channels(w, bw, w_channels)
+        return _unfold_channels(prim.bind(x, wf, **params), n, -1), 0
 
-def _convt_batch(args, dims, **params):
-    v, w = args
-    bv, bw = dims
-    if params["stacked"] or (bv is not None and bw is not None):
-        return _stack(convt_p, v, w, bv, bw, params)
-    if bw is None:
-        vf, n = _fold_batch(v, bv)
-        return _unfold_batch(convt_p.bind(vf, w, **params), n), 0
-    # shared input, N kernels: N*ci output channels
-    wf, n = _fold_channels(w, bw, -2)
-    return _unfold_channels(convt_p.bind(v, wf, **params), n, -1), 0
+    return rule
 
 
 def _kgrad_batch(args, dims, **params):
@@ -594,8 +587,8 @@ def _kgrad_batch(args, dims, **params):
     return _unfold_channels(kgrad_p.bind(u, vf, **params), n, -1), 0
 
 
-batching.primitive_batchers[conv_p] = _conv_batch
-batching.primitive_batchers[convt_p] = _convt_batch
+batching.primitive_batchers[conv_p] = _weight_batcher(conv_p, -1)
+batching.primitive_batchers[convt_p] = _weight_batcher(convt_p, -2)
 batching.primitive_batchers[kgrad_p] = _kgrad_batch
 
 
