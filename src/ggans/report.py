@@ -290,6 +290,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, title: str) -> Path:
+    """Give a figure its title, write it to ``path`` and free it."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _series(runs: list[Run]) -> tuple[dict[tuple[str, int], list[Run]], list[int], bool]:
     ks = sorted({r.local_steps for r in runs if r.nodes > 1})
     several_k = len(ks) > 1
@@ -336,11 +345,7 @@ def plot_curves(runs: list[Run], path: Path, title: str) -> Path | None:
         axes[0, col].legend(fontsize=7)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_samples(runs: list[Run], path: Path, title: str) -> Path | None:
@@ -359,11 +364,7 @@ def plot_samples(runs: list[Run], path: Path, title: str) -> Path | None:
         ax.imshow(np.asarray(Image.open(run.folder / "samples" / "final.png")), cmap="gray")
         ax.set_title(f"{series_label(key)}\nN = {largest}, {run.iterations:,} it.", fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{title}: final samples (one row per machine)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"{title}: final samples (one row per machine)")
 
 
 def plot_boxes(runs: list[Run], path: Path, title: str) -> Path | None:
@@ -396,11 +397,7 @@ def plot_boxes(runs: list[Run], path: Path, title: str) -> Path | None:
                 ax.set_ylabel(ylabel)
         axes[0, col].set_title(f"N = {n}")
     axes[1, 0].set_yscale("log")
-    fig.suptitle(f"{title}: final scores of every machine")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"{title}: final scores of every machine")
 
 
 def _bytes_curve(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -455,11 +452,7 @@ def plot_bytes(runs: list[Run], path: Path, title: str) -> Path | None:
                 axes[row, col].set_ylabel("FID")
         axes[0, col].set_title(f"N = {n}")
         axes[0, col].legend(fontsize=7)
-    fig.suptitle(f"{title}: quality against communication (standalone sends nothing)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"{title}: quality against communication (standalone sends nothing)")
 
 
 def _final_against(ax, runs: list[Run], setting: str, metric: str) -> None:
@@ -507,11 +500,7 @@ def plot_k(runs: list[Run], path: Path, title: str) -> Path | None:
                 ax.set_ylabel(ylabel)
         axes[0, col].set_title(f"N = {n}")
         axes[0, col].legend(fontsize=7)
-    fig.suptitle(f"{title}: final scores against K")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"{title}: final scores against K")
 
 
 def plot_faults(runs: list[Run], path: Path, title: str) -> Path | None:
@@ -535,12 +524,8 @@ def plot_faults(runs: list[Run], path: Path, title: str) -> Path | None:
             if col == 0:
                 ax.set_ylabel(ylabel)
         axes[0, col].legend(fontsize=7)
-    nodes = sorted({r.nodes for r in scored})
-    fig.suptitle(f"{title}: final scores under faults (N = {', '.join(map(str, nodes))})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    nodes = ", ".join(map(str, sorted({r.nodes for r in scored})))
+    return _save(fig, path, f"{title}: final scores under faults (N = {nodes})")
 
 
 def plot_final_against(
@@ -587,11 +572,7 @@ def plot_final_against(
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: final scores against {xlabel}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"{title}: final scores against {xlabel}")
 
 
 def spectral_gap(run: Run) -> float | None:
@@ -637,11 +618,7 @@ def plot_labels(runs: list[Run], path: Path, title: str, most: int = 6) -> Path 
         ax.set_title(key, fontsize=7)
         ax.set_xlabel("label")
         ax.set_ylabel("machine")
-    fig.suptitle(f"{title}: each machine's share of each label")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, f"{title}: each machine's share of each label")
 
 
 # --- table ----------------------------------------------------------------------------------
