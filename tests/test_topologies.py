@@ -154,6 +154,18 @@ def test_second_eigenvalue_of_the_expected_mixing_matches_its_closed_form(
     assert spectral_gap(w) == pytest.approx(1 - lam[1])
 
 
+def test_the_default_draws_see_every_leaf_of_a_star_of_100():
+    # Gossip on the star: every leaf sends to the hub, which averages all 100 models; the hub
+    # sends to one leaf in 99, which keeps half of its own. So a leaf's expected row is
+    # 1 - 1/198 on itself and 1/198 on the hub, and 1 - |lambda_2| = 1/198. At 256 draws a
+    # few leaves are never picked and the estimate reads 0; the default draws must not.
+    n = 100
+    assert spectral_gap(expected_mixing("gossip", n, TopologySpec("star"), draws=256)) < 1e-6
+    gap = spectral_gap(expected_mixing("gossip", n, TopologySpec("star")))
+    print(f"gossip on the star, N = {n}: gap {gap:.5f}, closed form {1 / 198:.5f}")
+    assert 0.6 / 198 < gap < 1.05 / 198
+
+
 @pytest.mark.parametrize(
     "topology, nodes, key",
     [

@@ -390,7 +390,7 @@ class Run:
             summary["means_over"] = "the machines not excluded; " + NULL_MEANS
         summary["spectral_gap"] = protocols.spectral_gap(
             protocols.expected_mixing(
-                cfg.protocol.name, cfg.nodes, cfg.topology, cfg.faults, draws=256,
+                cfg.protocol.name, cfg.nodes, cfg.topology, cfg.faults,
                 options=cfg.round_spec.protocol_options,
             )
         )  # fmt: skip
