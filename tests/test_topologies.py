@@ -166,6 +166,14 @@ def test_the_default_draws_see_every_leaf_of_a_star_of_100():
     assert 0.6 / 198 < gap < 1.05 / 198
 
 
+def test_the_estimate_keeps_a_ring_of_100s_small_gap():
+    # Neighbourhood on the ring: weights 1/3, 1/3, 1/3 each round, so E[W] is exact and its
+    # gap 2/3 (1 - cos(2 pi / N)) = 0.0013 must survive summing thousands of rounds.
+    n = 100
+    gap = spectral_gap(expected_mixing("neighbourhood", n, TopologySpec("ring")))
+    assert gap == pytest.approx(2 / 3 * (1 - np.cos(2 * np.pi / n)), abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "topology, nodes, key",
     [
