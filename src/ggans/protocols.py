@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from ggans.topologies import Graph, TopologySpec, round_graph
@@ -54,7 +55,11 @@ class Mixing(struct.PyTreeNode):
 
     def matrix(self) -> jax.Array:
         """Dense form: W [N, N] with new_i = sum_j W[i, j] old_j."""
-        return jnp.zeros((self.n, self.n), jnp.float32).at[self.dst, self.src].add(self.weight)
+        return self.add_to(jnp.zeros((self.n, self.n), jnp.float32))
+
+    def add_to(self, w: jax.Array) -> jax.Array:
+        """``w`` [N, N] plus this round's dense form (summing rounds without N x N copies)."""
+        return w.at[self.dst, self.src].add(self.weight)
 
 
 class Traffic(struct.PyTreeNode):
@@ -355,12 +360,10 @@ def expected_mixing(
     draws: int | None = None,
     key: jax.Array | None = None,
     options: tuple[tuple[str, Any], ...] = (),
-) -> jax.Array:
+) -> np.ndarray:
     """E[W] [N, N] (float64) of G's mixing, averaged over ``draws`` rounds (their keys and
     indices; default :func:`gap_draws`). Chunks of rounds are summed into one [N, N] float32
     sum each, and the chunks in float64, so that a gap of 1e-3 is not lost to rounding."""
-    import numpy as np
-
     key = jax.random.key(0) if key is None else key
     draws = gap_draws(n) if draws is None else draws
     chunk = min(draws, 64)
@@ -370,7 +373,7 @@ def expected_mixing(
         def add(r, acc):
             k = jax.random.fold_in(key, r)
             g_mix, _, _ = round_mixing(protocol, k, n, (1, 1), faults, None, topology, r, options)
-            return acc.at[g_mix.dst, g_mix.src].add(g_mix.weight)
+            return g_mix.add_to(acc)
 
         stop = jnp.minimum(start + chunk, draws)
         return jax.lax.fori_loop(start, stop, add, jnp.zeros((n, n), jnp.float32))
@@ -384,8 +387,6 @@ def expected_mixing(
 def spectral_gap(w) -> float:
     """1 - |lambda_2| of a mixing matrix: how fast repeated mixing reaches consensus (1 for
     an exact average, 0 for none)."""
-    import numpy as np
-
     moduli = np.sort(np.abs(np.linalg.eigvals(np.asarray(w, np.float64))))[::-1]
     return float(1.0 - moduli[1]) if len(moduli) > 1 else 1.0
 
